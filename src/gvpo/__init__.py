@@ -10,7 +10,22 @@ from .registry import Registry
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):  # the trainer pulls in transformers/accelerate: import it only when asked
+    if name == "train":
+        from .trainer import train
+
+        return train
+    if name in ("GVPOConfig", "load_config"):
+        from . import config
+
+        return getattr(config, name)
+    raise AttributeError(f"module 'gvpo' has no attribute {name!r}")
+
 __all__ = [
+    "GVPOConfig",
+    "load_config",
+    "train",
     "WEIGHT_SCHEMES",
     "Registry",
     "completion_token_logps",

@@ -1,0 +1,91 @@
+"""Atomic checkpoints and exact resume: model, optimizer, scheduler, RNG states, data position, replay.
+
+A checkpoint is written to ``checkpoints/.tmp-step-N`` and renamed to ``checkpoints/step-N`` only when
+complete, so a crash mid-write leaves the previous checkpoint intact. Tensors go through safetensors;
+everything else through ``torch.save`` and is read back with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .models import unwrap
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+
+
+def trainable_state(model: torch.nn.Module) -> dict:
+    """Parameters that train (all weights, or only LoRA adapters), contiguous for safetensors."""
+    model = unwrap(model)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items() if n in names}
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, *, model, optimizer, scheduler, trainer_state: dict,
+                    reference_state: dict | None = None, extra_tensors: dict | None = None, keep: int = 2) -> Path:
+    """Write ``ckpt_dir/step-<step>`` atomically; keep the newest ``keep``; return its path."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"step-{step:06d}"
+    tmp = ckpt_dir / f".tmp-step-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(trainable_state(model), str(tmp / "model.safetensors"))
+    if reference_state:
+        save_file({k: v.contiguous().cpu() for k, v in reference_state.items()}, str(tmp / "reference.safetensors"))
+    if extra_tensors:
+        save_file({k: v.contiguous().cpu() for k, v in extra_tensors.items()}, str(tmp / "extra.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+               tmp / "state.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
+    _fsync_dir(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_dir)
+    for old in sorted(ckpt_dir.glob("step-*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir() if path.is_dir() else []:
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    found = sorted(p for p in ckpt_dir.glob("step-*") if (p / "trainer_state.json").exists()) if ckpt_dir.exists() else []
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, *, model, optimizer, scheduler, reference_model=None) -> tuple[dict, dict]:
+    """Restore everything saved by ``save_checkpoint``; returns (trainer_state, extra_tensors)."""
+    unwrap(model).load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+    if reference_model is not None and (path / "reference.safetensors").exists():
+        reference_model.load_state_dict(load_file(str(path / "reference.safetensors")))
+    state = torch.load(path / "state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    extra = load_file(str(path / "extra.safetensors")) if (path / "extra.safetensors").exists() else {}
+    return json.loads((path / "trainer_state.json").read_text()), extra

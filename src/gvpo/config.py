@@ -1,0 +1,352 @@
+"""Typed configuration: dataclasses grouped by concern, one docstring per field.
+
+Loaded from YAML (``yaml.safe_load``) and ``key=value`` overrides with dotted keys
+(``objective.beta=0.05``). Unknown keys and bad values raise ``ConfigError`` naming the key and the
+valid choices. ``gvpo train --help`` prints every field with its doc and default, read from the
+docstrings below (``field_docs``).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is not valid; the message names the key and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "default"
+    """Policy to train: a local folder or hub id of a transformers causal LM; ``default`` = the embedded arithmetic model."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
+    """Parameter dtype; ``auto`` = float32 on CPU (no bf16 units here), bfloat16 on CUDA; float64 for exactness checks."""
+    trust_remote_code: bool = False
+    """Allow code from the model folder to run; off unless you trust the source."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: about 12% less memory for 20-24% more time on CPU."""
+    lora: bool = False
+    """Train LoRA adapters (peft) instead of all weights; the fixed reference is then the base model with adapters disabled, no second copy."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (scale = lora_alpha / lora_r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    lora_target_modules: str = "all-linear"
+    """Modules that get adapters: ``all-linear`` or a comma-separated list of module names."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = "arithmetic"
+    """Task: a built-in name (arithmetic, gsm8k, math500, aime24) or a dotted path to a task factory."""
+    options: dict = field(default_factory=dict)
+    """Keyword options for the task factory, e.g. ``{path: data/train.jsonl, template: chat}``."""
+    rewards: list = field(default_factory=list)
+    """Reward names or dotted paths to use instead of the task's own; empty = the task's."""
+    reward_weights: list = field(default_factory=list)
+    """One weight per reward in ``rewards``; empty = all 1."""
+    eval_tasks: list = field(default_factory=list)
+    """Extra task names evaluated during training, logged as ``eval/<task>/accuracy``."""
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["hf", "vllm"] = "hf"
+    """Generation engine: transformers ``generate`` or vLLM (GPU, optional extra)."""
+    k: int = 8
+    """Completions sampled per prompt (the group size)."""
+    temperature: float = 1.0
+    """Sampling temperature (changes pi_s only; log-probs are always at temperature 1)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold; 1 = off."""
+    max_new_tokens: int = 0
+    """Completion length limit in tokens; 0 = the task's default."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """Share of GPU memory vLLM may take when colocated with the trainer."""
+
+
+@dataclass
+class SamplerConfig:
+    source: Literal["policy", "reference", "replay", "offline", "mixture"] = "policy"
+    """Sampling distribution pi_s of each group (Corollary 3.2): on-policy, the fixed reference, a replay buffer, an offline dataset, or a mixture."""
+    replay_capacity: int = 256
+    """Replay: groups kept in the buffer."""
+    replay_max_age: int = 8
+    """Replay: oldest usable group, in steps since it was generated."""
+    replay_historical: int = 4
+    """Replay: completions per group taken from the buffer (the rest are fresh), e.g. 4 of k=8 is the paper's 4:4."""
+    offline_path: str = ""
+    """Offline/mixture: path of a grouped or flat rated-completions file (jsonl, json, parquet)."""
+    offline_preset: str = ""
+    """Offline: column preset for known files (e.g. qwen25_math_rm8, gsm8k_model_solutions); empty = plain columns."""
+    offline_format: Literal["auto", "grouped", "flat"] = "auto"
+    """Offline: row layout; auto = grouped when a ``completions`` column exists."""
+    on_too_long: Literal["skip", "error"] = "skip"
+    """Offline: what to do with completions longer than ``rollout.max_new_tokens``."""
+    mixture_offline: int = 4
+    """Mixture: completions per group taken from the offline dataset; the rest are sampled from the policy."""
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "gvpo"
+    """Objective: gvpo, grpo, dr_grpo, rs, sft, dpo (or a dotted path to a weight scheme)."""
+    beta: float = 0.1
+    """KL strength beta of Eq. 5; implicit reward = beta * log(pi_theta / pi_ref)."""
+    reference: Literal["fixed", "rollout"] = "fixed"
+    """pi_ref: ``fixed`` = the initial policy (the paper's theory); ``rollout`` = the policy that generated the group (the authors' released recipe)."""
+    ref_sync_steps: int = 0
+    """With a fixed reference: copy the policy into it every N steps; 0 = never."""
+    clip_epsilon: float = 0.2
+    """GRPO: PPO ratio clipping epsilon."""
+    kl_coef: float = 0.04
+    """GRPO: coefficient of the k3 KL penalty to the reference (0 = no reference model needed)."""
+    loss_aggregation: Literal["sequence_mean", "token_mean", "constant"] = "sequence_mean"
+    """GRPO: per-token loss aggregation: mean per sequence then over sequences (DeepSeekMath), mean over all tokens (DAPO), or sum / (N * max_new_tokens) (Dr.GRPO)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-3
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.99
+    """AdamW beta2."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 = no clipping."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up steps."""
+    scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    """Learning-rate schedule after warm-up."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 60
+    """Optimizer steps (each: one batch of prompts x k completions)."""
+    prompts_per_step: int = 16
+    """B: prompts per step, across all processes."""
+    updates_per_batch: int = 1
+    """Gradient steps on each generated batch (no importance weights needed, Corollary 3.2)."""
+    micro_batch_size: int = 0
+    """Completions per forward/backward; 0 = the whole batch. The update is the same for any value."""
+    seed: int = 0
+    """Seed for data order, sampling and initialisation."""
+    eval_every: int = 10
+    """Greedy held-out evaluation every N steps (and at the start and end); 0 = only start and end."""
+    eval_n: int = 200
+    """Held-out prompts per evaluation; 0 = all."""
+    checkpoint_every: int = 20
+    """Atomic checkpoint every N steps (and at the end); 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """Most recent checkpoints kept on disk."""
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs"
+    """Parent folder of run folders."""
+    name: str = ""
+    """Run folder name under ``dir``; empty = ``<task>-<objective>-<date>-<time>``."""
+    tensorboard: bool = True
+    """Write TensorBoard events."""
+    plots: bool = True
+    """Write ``plots.png`` (reward, accuracy, KL, implicit/actual reward correlation)."""
+    progress: bool = True
+    """Show a progress bar with live reward."""
+
+
+@dataclass
+class GVPOConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings (string literal right after a field) of a dataclass."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp``; ConfigError names ``key``."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    return value
+
+
+def _unknown(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}; valid keys here: {', '.join(valid)}")
+
+
+def _set(config: GVPOConfig, key: str, value: Any) -> None:
+    parts = key.split(".")
+    sections = [f.name for f in dataclasses.fields(GVPOConfig)]
+    if parts[0] not in sections:
+        raise _unknown(key, sections)
+    section = getattr(config, parts[0])
+    if len(parts) == 1:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {parts[0]} fields, got {value!r}")
+        for sub, v in value.items():
+            _set(config, f"{key}.{sub}", v)
+        return
+    names = [f.name for f in dataclasses.fields(section)]
+    if parts[1] == "options" and parts[0] == "task" and len(parts) > 2:  # task.options.path=...
+        section.options[".".join(parts[2:])] = value
+        return
+    if len(parts) != 2 or parts[1] not in names:
+        raise _unknown(key, [f"{parts[0]}.{n}" for n in names])
+    tp = typing.get_type_hints(type(section))[parts[1]]
+    setattr(section, parts[1], _coerce(key, value, tp))
+
+
+def validate(config: GVPOConfig) -> GVPOConfig:
+    """Cross-field checks that a single field's type cannot express."""
+    positive = {"rollout.k": config.rollout.k, "train.prompts_per_step": config.train.prompts_per_step,
+                "train.updates_per_batch": config.train.updates_per_batch}
+    for key, v in positive.items():
+        if v < 1:
+            raise ConfigError(f"{key} must be >= 1, got {v}")
+    if config.rollout.k < 2 and config.objective.name in ("gvpo", "grpo", "dr_grpo"):
+        raise ConfigError(f"rollout.k must be >= 2 for objective {config.objective.name!r} (groups need variance)")
+    if config.objective.beta <= 0:
+        raise ConfigError(f"objective.beta must be > 0, got {config.objective.beta}")
+    if config.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {config.optim.lr}")
+    if not 0 < config.rollout.top_p <= 1:
+        raise ConfigError(f"rollout.top_p must be in (0, 1], got {config.rollout.top_p}")
+    if config.rollout.temperature <= 0:
+        raise ConfigError(f"rollout.temperature must be > 0, got {config.rollout.temperature}")
+    if config.train.max_steps < 0 or config.train.micro_batch_size < 0:
+        raise ConfigError("train.max_steps and train.micro_batch_size must be >= 0")
+    if config.sampler.source in ("offline", "mixture") and not config.sampler.offline_path:
+        raise ConfigError(f"sampler.offline_path is required with sampler.source={config.sampler.source}")
+    if config.sampler.source == "replay" and not 0 <= config.sampler.replay_historical < config.rollout.k:
+        raise ConfigError(f"sampler.replay_historical must be in [0, rollout.k), got {config.sampler.replay_historical}")
+    if config.task.reward_weights and len(config.task.reward_weights) != len(config.task.rewards):
+        raise ConfigError(f"task.reward_weights has {len(config.task.reward_weights)} values for "
+                          f"{len(config.task.rewards)} task.rewards")
+    return config
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"objective.beta=0.05"`` -> ``("objective.beta", 0.05)``; values parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. objective.beta=0.05")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> GVPOConfig:
+    """Defaults, then the YAML file at ``path`` (if any), then ``overrides`` (``key=value`` strings or a dict)."""
+    config = GVPOConfig()
+    if path:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (model, task, ...), got {type(data).__name__}")
+        for key, value in data.items():
+            _set(config, key, value)
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    for key, value in items:
+        _set(config, key, value)
+    return validate(config)
+
+
+def to_dict(config: GVPOConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: GVPOConfig, path: str | Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(config), f, sort_keys=False)
+
+
+def describe() -> str:
+    """Every config key with its type, default and doc, for ``--help``."""
+    lines = []
+    defaults = GVPOConfig()
+    for section in dataclasses.fields(GVPOConfig):
+        obj = getattr(defaults, section.name)
+        docs = field_docs(type(obj))
+        hints = typing.get_type_hints(type(obj))
+        lines.append(f"{section.name}:")
+        for f in dataclasses.fields(obj):
+            tp = hints[f.name]
+            tname = ("|".join(map(str, typing.get_args(tp))) if typing.get_origin(tp) is Literal
+                     else getattr(tp, "__name__", str(tp)))
+            lines.append(f"  {section.name}.{f.name} ({tname}, default {getattr(obj, f.name)!r})")
+            lines.append(textwrap.fill(docs.get(f.name, ""), width=96, initial_indent="      ",
+                                       subsequent_indent="      "))
+    return "\n".join(lines)

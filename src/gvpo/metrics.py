@@ -1,0 +1,101 @@
+"""Where metrics go: ``metrics.jsonl`` (one JSON object per line, flushed), TensorBoard, ``plots.png``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .groups import center, dense_index, group_sum
+
+
+def within_group_correlation(implicit: Tensor, rewards: Tensor, group_ids: Tensor) -> float:
+    """Mean over groups of the Pearson correlation of implicit and actual rewards (groups where both vary).
+
+    >>> within_group_correlation(torch.tensor([1., 2., 3., 0., 1.]), torch.tensor([2., 4., 6., 1., 0.]),
+    ...                          torch.tensor([0, 0, 0, 1, 1]))
+    0.0
+    """
+    index, num_groups = dense_index(group_ids)
+    a, b = center(implicit.double(), index, num_groups), center(rewards.double(), index, num_groups)
+    cov = group_sum(a * b, index, num_groups)
+    var_a, var_b = group_sum(a * a, index, num_groups), group_sum(b * b, index, num_groups)
+    ok = (var_a > 1e-12) & (var_b > 1e-12)
+    if not ok.any():
+        return float("nan")
+    return float((cov[ok] / torch.sqrt(var_a[ok] * var_b[ok])).mean())
+
+
+class MetricsLog:
+    """Appends rows to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after ``step`` (they are recomputed when a run resumes from that step)."""
+        if not self.path.exists():
+            return
+        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [line for line in rows if json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+
+    def log(self, row: dict) -> None:
+        """Append ``row``; non-finite floats are written as ``null`` (strict JSON)."""
+        row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, global_step=row.get("samples", row["step"]))
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(rows: list[dict], path: Path, title: str = "") -> None:
+    """Reward and eval accuracy against samples, KL, implicit/actual reward correlation, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("reward_mean", "reward (train batch)"), ("eval/accuracy", "held-out accuracy (greedy)"),
+              ("kl", "KL to reference (estimate)"), ("implicit_reward_corr", "corr(implicit, actual reward)")]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, (key, label) in zip(axes.flat, panels):
+        pts = [(r["samples"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        extra = sorted({k for r in rows for k in r if k.startswith("eval/") and k.endswith("/accuracy")
+                        and k != "eval/accuracy"}) if key == "eval/accuracy" else []
+        if pts:
+            ax.plot(*zip(*pts), marker="o" if key.startswith("eval") else None, markersize=3, label=key)
+        for k in extra:
+            epts = [(r["samples"], r[k]) for r in rows if k in r]
+            ax.plot(*zip(*epts), marker="o", markersize=3, label=k)
+        if extra:
+            ax.legend(fontsize=7)
+        ax.set_title(label)
+        ax.set_xlabel("completions generated")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,85 @@
+"""Rollouts with transformers ``generate``, reproducible per row whatever the batch split.
+
+Sampling uses the Gumbel-max trick: after the temperature and top-p warpers, each row adds Gumbel
+noise drawn from its own ``torch.Generator`` seeded by the caller, and greedy decoding takes the
+argmax, which is an exact sample from the warped softmax. A row's completion then depends only on
+its seed, not on which other prompts share its batch or process, so one process and two processes
+generate the same groups.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+from . import Generation, SamplingParams, completion_mask_from_ids
+
+
+class SeededGumbelNoise(LogitsProcessor):
+    """Adds per-row Gumbel(0, 1) noise from per-row generators; argmax then samples the softmax."""
+
+    def __init__(self, seeds: list[int]):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        vocab = scores.shape[-1]
+        uniform = torch.stack([torch.rand(vocab, generator=g) for g in self.generators]).to(scores.device)
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1 - 1e-7)))
+        return scores.float() + gumbel
+
+
+def encode_prompts(tokenizer, prompts: list) -> dict:
+    """Tokenise prompts (strings, or chat message lists through the chat template), left-padded."""
+    texts = [
+        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list) else p
+        for p in prompts
+    ]
+    return tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=True)
+
+
+def eos_ids(tokenizer, model) -> list[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = ids if ids is not None else tokenizer.eos_token_id
+    return sorted(set(ids if isinstance(ids, list) else [ids]))
+
+
+class HFEngine:
+    """Batched ``model.generate`` on the policy itself: there are no separate weights to sync."""
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def sync_weights(self, model) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def generate(self, prompts: list, seeds: list[int], params: SamplingParams) -> Generation:
+        enc = encode_prompts(self.tokenizer, prompts)
+        device = next(self.model.parameters()).device
+        prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        eos = eos_ids(self.tokenizer, self.model)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos[0]
+        processors = LogitsProcessorList()
+        if not params.greedy:
+            if params.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_p < 1.0:
+                processors.append(TopPLogitsWarper(params.top_p))
+            processors.append(SeededGumbelNoise(seeds))
+        gen_config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False,
+                                      eos_token_id=eos, pad_token_id=pad)
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_config,
+                                  logits_processor=processors)
+        self.model.train(was_training)
+        completion_ids = out[:, prompt_ids.shape[1]:]
+        mask = completion_mask_from_ids(completion_ids, eos)
+        completion_ids = completion_ids.masked_fill(mask == 0, pad)
+        keep = int(mask.sum(-1).max().item()) if mask.numel() else 0
+        completion_ids, mask = completion_ids[:, : max(keep, 1)], mask[:, : max(keep, 1)]
+        texts = self.tokenizer.batch_decode(completion_ids.masked_fill(mask == 0, pad), skip_special_tokens=True)
+        return Generation(prompt_ids.cpu(), prompt_mask.cpu(), completion_ids.cpu(), mask.cpu(), texts)
