@@ -42,7 +42,7 @@ def trainable_state(model: torch.nn.Module) -> dict:
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, *, model, optimizer, scheduler, trainer_state: dict,
-                    reference_state: dict | None = None, extra_tensors: dict | None = None, keep: int = 2) -> Path:
+                    reference_state: dict | None = None, sampler_state: dict | None = None, keep: int = 2) -> Path:
     """Write ``ckpt_dir/step-<step>`` atomically; keep the newest ``keep``; return its path."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{step:06d}"
@@ -52,21 +52,20 @@ def save_checkpoint(ckpt_dir: Path, step: int, *, model, optimizer, scheduler, t
     save_file(trainable_state(model), str(tmp / "model.safetensors"))
     if reference_state:
         save_file({k: v.contiguous().cpu() for k, v in reference_state.items()}, str(tmp / "reference.safetensors"))
-    if extra_tensors:
-        save_file({k: v.contiguous().cpu() for k, v in extra_tensors.items()}, str(tmp / "extra.safetensors"))
+    (tmp / "sampler.json").write_text(json.dumps(sampler_state or {}))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
                tmp / "state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
-    _fsync_dir(tmp)
+    _fsync_files(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _fsync_dir(ckpt_dir)
+    _fsync_files(ckpt_dir)
     for old in sorted(ckpt_dir.glob("step-*"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_files(path: Path) -> None:
     for f in path.iterdir() if path.is_dir() else []:
         if f.is_file():
             with open(f, "rb") as fh:
@@ -79,7 +78,7 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, *, model, optimizer, scheduler, reference_model=None) -> tuple[dict, dict]:
-    """Restore everything saved by ``save_checkpoint``; returns (trainer_state, extra_tensors)."""
+    """Restore everything saved by ``save_checkpoint``; returns (trainer_state, sampler_state)."""
     unwrap(model).load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
     if reference_model is not None and (path / "reference.safetensors").exists():
         reference_model.load_state_dict(load_file(str(path / "reference.safetensors")))
@@ -87,5 +86,5 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, reference_model=
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
-    extra = load_file(str(path / "extra.safetensors")) if (path / "extra.safetensors").exists() else {}
-    return json.loads((path / "trainer_state.json").read_text()), extra
+    sampler = json.loads((path / "sampler.json").read_text()) if (path / "sampler.json").exists() else {}
+    return json.loads((path / "trainer_state.json").read_text()), sampler

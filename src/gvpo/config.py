@@ -88,6 +88,8 @@ class SamplerConfig:
     """Replay: oldest usable group, in steps since it was generated."""
     replay_historical: int = 4
     """Replay: completions per group taken from the buffer (the rest are fresh), e.g. 4 of k=8 is the paper's 4:4."""
+    replay_revisit: float = 0.5
+    """Replay: share of each step's prompts drawn again from the buffer (prompts need history to be replayed)."""
     offline_path: str = ""
     """Offline/mixture: path of a grouped or flat rated-completions file (jsonl, json, parquet)."""
     offline_preset: str = ""

@@ -58,7 +58,7 @@ class MetricsLog:
         if self.writer is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, global_step=row.get("samples", row["step"]))
+                    self.writer.add_scalar(key, value, global_step=row["step"])
             self.writer.flush()
 
     def close(self) -> None:
@@ -79,20 +79,21 @@ def plot_metrics(rows: list[dict], path: Path, title: str = "") -> None:
 
     panels = [("reward_mean", "reward (train batch)"), ("eval/accuracy", "held-out accuracy (greedy)"),
               ("kl", "KL to reference (estimate)"), ("implicit_reward_corr", "corr(implicit, actual reward)")]
+    x_key = "samples" if any(r.get("samples") for r in rows) else "step"  # offline runs generate nothing
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, (key, label) in zip(axes.flat, panels):
-        pts = [(r["samples"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        pts = [(r[x_key], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
         extra = sorted({k for r in rows for k in r if k.startswith("eval/") and k.endswith("/accuracy")
                         and k != "eval/accuracy"}) if key == "eval/accuracy" else []
         if pts:
             ax.plot(*zip(*pts), marker="o" if key.startswith("eval") else None, markersize=3, label=key)
         for k in extra:
-            epts = [(r["samples"], r[k]) for r in rows if k in r]
+            epts = [(r[x_key], r[k]) for r in rows if k in r]
             ax.plot(*zip(*epts), marker="o", markersize=3, label=k)
         if extra:
             ax.legend(fontsize=7)
         ax.set_title(label)
-        ax.set_xlabel("completions generated")
+        ax.set_xlabel("completions generated" if x_key == "samples" else "step")
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)

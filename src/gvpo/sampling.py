@@ -29,9 +29,11 @@ class Group:
     sources: list
     """One tag per completion: policy, reference, replay or offline."""
     rewards: list | None = None
-    """Given rewards (offline data); ``None`` = score with the task's rewards."""
+    """Per completion: a given reward (offline, replay) or ``None`` = score it; ``None`` for the list = score all."""
     born_step: list = field(default_factory=list)
-    """Step at which each completion was generated (replay age)."""
+    """Step at which each completion was generated (replay age; -1 for offline data)."""
+    offline_index: list = field(default_factory=list)
+    """Per completion: ``(group, completion)`` index into the offline data (for cached reference log-probs), or None."""
 
 
 def step_rows(rows: list[dict], step: int, batch_size: int, seed: int) -> list[tuple[int, dict]]:
@@ -114,10 +116,14 @@ class PolicySampler:
     def after_update(self, groups, rewards, step) -> None:
         """Nothing to remember for on-policy sampling."""
 
+    def reference_token_logps(self, groups, batch, reference, micro_batch_size):
+        """No cache: the trainer computes reference log-probs of fresh samples."""
+        return None
+
     def state(self) -> dict:
         return {}
 
-    def load_state(self, tensors: dict) -> None:
+    def load_state(self, state: dict) -> None:
         """Stateless."""
 
 

@@ -98,9 +98,9 @@ def train(config: GVPOConfig, *, resume: str | Path | None = None) -> Path:
     if resume:
         last = ckpt.latest_checkpoint(ckpt_dir)
         if last is not None:
-            state, extra = ckpt.load_checkpoint(last, model=policy, optimizer=optimizer, scheduler=scheduler,
-                                                reference_model=reference.model if reference else None)
-            sampler.load_state(extra)
+            state, sampler_state = ckpt.load_checkpoint(last, model=policy, optimizer=optimizer, scheduler=scheduler,
+                                                        reference_model=reference.model if reference else None)
+            sampler.load_state(sampler_state)
     log = MetricsLog(run_dir, tensorboard=config.output.tensorboard) if accelerator.is_main_process else None
     if log:
         log.truncate_after(state["step"])
@@ -118,7 +118,7 @@ def train(config: GVPOConfig, *, resume: str | Path | None = None) -> Path:
             ckpt.save_checkpoint(ckpt_dir, step, model=policy, optimizer=optimizer, scheduler=scheduler,
                                  trainer_state=state, keep=cfg_train.keep_checkpoints,
                                  reference_state=reference.state_dict() if reference and cfg_obj.ref_sync_steps else None,
-                                 extra_tensors=sampler.state())
+                                 sampler_state=sampler.state())
         accelerator.wait_for_everyone()
 
     if state["step"] == 0 and log:
@@ -134,14 +134,17 @@ def train(config: GVPOConfig, *, resume: str | Path | None = None) -> Path:
         share = cfg_train.prompts_per_step // world
         groups = sampler.sample(rows[rank * share : (rank + 1) * share], step, params)
 
-        # 2. score: given rewards (offline) or the task's reward functions; None drops a completion
+        # 2. score: given rewards (offline, replay) or the task's reward functions; None drops a completion
+        generated = sum(src in ("policy", "reference") for g in groups for src in g.sources)
         rewards, dropped = score(groups, reward_fn)
         batch = build_batch(groups, rewards, tokenizer, accelerator.device)
 
         # 3. reference log-probs (fixed reference), or at the first update (rollout reference)
         if reference is not None:
-            with reference.scoring(unwrap(policy)) as ref_model:
-                batch.ref_token_logps = all_token_logps(ref_model, batch, cfg_train.micro_batch_size)
+            batch.ref_token_logps = sampler.reference_token_logps(groups, batch, reference, cfg_train.micro_batch_size)
+            if batch.ref_token_logps is None:
+                with reference.scoring(unwrap(policy)) as ref_model:
+                    batch.ref_token_logps = all_token_logps(ref_model, batch, cfg_train.micro_batch_size)
 
         # 4. update on whole-group statistics
         for _ in range(cfg_train.updates_per_batch):
@@ -152,12 +155,14 @@ def train(config: GVPOConfig, *, resume: str | Path | None = None) -> Path:
             reference.sync(policy)
 
         # 5. log
-        totals = accelerator.reduce(torch.tensor([float(len(batch)) + dropped, float(dropped)],
+        totals = accelerator.reduce(torch.tensor([float(generated), float(dropped), float(len(batch))],
                                                  device=accelerator.device), "sum")
         state["samples"] += int(totals[0].item())
+        state["trained"] = state.get("trained", 0) + int(totals[2].item())
         state["step"] = step + 1
         state["elapsed_s"] = time.perf_counter() - start
-        row = {"step": step + 1, "samples": state["samples"], **gather_stats(stats, batch, accelerator),
+        row = {"step": step + 1, "samples": state["samples"], "completions_trained": state["trained"],
+               **gather_stats(stats, batch, accelerator),
                "reward_none": int(totals[1].item()), "lr": scheduler.get_last_lr()[0], "time_s": state["elapsed_s"]}
         if cfg_train.eval_every and (step + 1) % cfg_train.eval_every == 0 or step + 1 == cfg_train.max_steps:
             row.update(evaluate_all(step + 1))
@@ -182,22 +187,23 @@ def train(config: GVPOConfig, *, resume: str | Path | None = None) -> Path:
 
 
 def score(groups, reward_fn) -> tuple[list[list[float]], int]:
-    """Rewards per group (given ones kept); completions scored ``None`` are removed from their group."""
-    to_score = [(g, i) for g in groups for i in range(len(g.texts)) if g.rewards is None]
-    values = reward_fn([g.row["prompt"] for g, _ in to_score], [g.texts[i] for g, i in to_score],
-                       **{key: [g.row.get(key) for g, _ in to_score]
-                          for key in (to_score[0][0].row if to_score else {}) if key != "prompt"})
-    it = iter(values)
+    """Rewards per group: given ones kept, the rest from ``reward_fn``; ``None`` removes a completion."""
+    todo = [(g, i) for g in groups for i in range(len(g.texts)) if g.rewards is None or g.rewards[i] is None]
+    columns = {key: [g.row.get(key) for g, _ in todo] for key in (todo[0][0].row if todo else {}) if key != "prompt"}
+    values = reward_fn([g.row["prompt"] for g, _ in todo], [g.texts[i] for g, i in todo], **columns) if todo else []
+    scored = {(id(g), i): v for (g, i), v in zip(todo, values)}
     out, dropped = [], 0
     for g in groups:
-        rs = list(g.rewards) if g.rewards is not None else [next(it) for _ in g.texts]
+        rs = [scored[(id(g), i)] if (id(g), i) in scored else g.rewards[i] for i in range(len(g.texts))]
         keep = [i for i, r in enumerate(rs) if r is not None]
         dropped += len(rs) - len(keep)
         if len(keep) < len(rs):
-            g.completion_ids, g.texts = [g.completion_ids[i] for i in keep], [g.texts[i] for i in keep]
-            g.sources = [g.sources[i] for i in keep]
-            g.born_step = [g.born_step[i] for i in keep] if g.born_step else []
-        out.append([float(rs[i]) for i in keep])
+            for name in ("completion_ids", "texts", "sources", "born_step", "offline_index"):
+                values_of = getattr(g, name)
+                if values_of:
+                    setattr(g, name, [values_of[i] for i in keep])
+        g.rewards = [float(rs[i]) for i in keep]
+        out.append(g.rewards)
     return out, dropped
 
 
