@@ -150,6 +150,7 @@ def train(config: GVPOConfig, *, resume: str | Path | None = None) -> Path:
         for _ in range(cfg_train.updates_per_batch):
             stats = update(policy, optimizer, batch, objective, cfg_train.micro_batch_size, accelerator, config)
         scheduler.step()
+        engine.sync_weights(unwrap(policy))  # vLLM: push the new weights; HF: shares the policy, no-op
         sampler.after_update(groups, rewards, step)
         if reference is not None and cfg_obj.ref_sync_steps and (step + 1) % cfg_obj.ref_sync_steps == 0:
             reference.sync(policy)
