@@ -48,12 +48,29 @@ def _data_parser(sub) -> None:
     c.add_argument("rest", nargs=argparse.REMAINDER)
 
 
+def _compare_parser(sub) -> None:
+    p = sub.add_parser(
+        "compare", help="train several objectives on the same task, seeds and sample budget; write comparison.md/.png",
+        description="Train once per objective x seed from one shared config (defaults, --config, key=value "
+                    "overrides; only objective.name and train.seed change), each in its own run folder, then write "
+                    "comparison.md (a table), comparison.png (curves against completions generated) and "
+                    "comparison.json in the output folder.",
+    )
+    p.add_argument("--config", help="YAML config shared by every run")
+    p.add_argument("--objectives", default="gvpo,grpo,dr_grpo", help="comma-separated objective names (default: gvpo,grpo,dr_grpo)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per objective: train.seed, train.seed+1, ... (default 3)")
+    p.add_argument("--output-dir", help="folder for the run folders and the comparison (default: <output.dir>/compare-<date>)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps of every run (train.max_steps)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides shared by every run")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gvpo", description="GVPO post-training for language models")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _eval_parser(sub)
     _data_parser(sub)
+    _compare_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -64,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             from .data import main_check
 
             return main_check(args.rest)
+        if args.command == "compare":
+            from .compare import main_compare
+
+            return main_compare(args)
     except ConfigError as err:
         print(f"gvpo: config error: {err}", file=sys.stderr)
         return 2
