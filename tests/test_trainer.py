@@ -138,3 +138,23 @@ def test_two_processes_match_one(model_dir, tmp_path):
     state = json.loads((tmp_path / "two" / "checkpoints" / "step-000003" / "trainer_state.json").read_text())
     assert state["processes"] == 2
     assert_same_params(final_params(tmp_path / "one"), final_params(tmp_path / "two"), atol=1e-9)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(model_dir, tmp_path):
+    from gvpo.trainer import NonFiniteError
+
+    good = train(load_config(None, overrides(model_dir, tmp_path, "good", **{"train.max_steps": 2})))
+    ckpt = good / "checkpoints" / "step-000002"
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    config = load_config(good / "config.yaml", {"train.max_steps": 4, "objective.name": "tiny.nan_scheme"})
+    with pytest.raises(NonFiniteError, match="non-finite loss"):
+        train(config, resume=good)
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    assert sorted(p.name for p in (good / "checkpoints").iterdir()) == ["step-000002"]
+
+
+def test_a_hanging_reward_stops_the_run_with_a_clear_error(model_dir, tmp_path):
+    config = load_config(None, overrides(model_dir, tmp_path, "slow", **{"task.rewards": ["tiny.slow_reward"],
+                                                                       "task.reward_timeout_s": 0.5}))
+    with pytest.raises(TimeoutError, match="tiny.slow_reward"):
+        train(config)

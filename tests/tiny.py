@@ -48,3 +48,16 @@ def tiny_add(num_train: int = 40, num_test: int = 20) -> Task:
 def digit_reward(prompts, completions, **_) -> list[float]:
     """A dense reward for untrained tiny models: the share of digits among the first 3 characters."""
     return [sum(ch.isdigit() for ch in c[:3]) / 3 for c in completions]
+
+
+def nan_scheme(logps, ref_logps, rewards, group_ids, *, beta):
+    """A broken weight scheme (for tests): NaN weights, so the loss is not finite."""
+    return torch.full_like(rewards, float("nan"))
+
+
+def slow_reward(prompts, completions, **_) -> list[float]:
+    """A reward that hangs (for tests of the reward timeout)."""
+    import time
+
+    time.sleep(30)
+    return [0.0] * len(completions)

@@ -58,6 +58,8 @@ class TaskConfig:
     """Reward names or dotted paths to use instead of the task's own; empty = the task's."""
     reward_weights: list = field(default_factory=list)
     """One weight per reward in ``rewards``; empty = all 1."""
+    reward_timeout_s: float = 300.0
+    """Stop the run with a clear error if a reward call takes longer than this (user code that hangs); 0 = no limit."""
     eval_tasks: list = field(default_factory=list)
     """Extra task names evaluated during training, logged as ``eval/<task>/accuracy``."""
 

@@ -69,7 +69,7 @@ def train(config: GVPOConfig, *, resume: str | Path | None = None) -> Path:
     # --- what to train on -------------------------------------------------------------------
     task = get_task(config.task.name, **config.task.options)
     reward_fn = combine(config.task.rewards or task.rewards, config.task.reward_weights or
-                        (None if config.task.rewards else task.reward_weights))
+                        (None if config.task.rewards else task.reward_weights), timeout_s=config.task.reward_timeout_s)
     eval_tasks = [get_task(name) for name in config.task.eval_tasks]
     max_new_tokens = config.rollout.max_new_tokens or task.max_new_tokens
 
@@ -193,6 +193,10 @@ def score(groups, reward_fn) -> tuple[list[list[float]], int]:
     columns = {key: [g.row.get(key) for g, _ in todo] for key in (todo[0][0].row if todo else {}) if key != "prompt"}
     values = reward_fn([g.row["prompt"] for g, _ in todo], [g.texts[i] for g, i in todo], **columns) if todo else []
     scored = {(id(g), i): v for (g, i), v in zip(todo, values)}
+    for (g, i), v in zip(todo, values):
+        if v is not None and not math.isfinite(v):
+            raise NonFiniteError(f"reward {v} for completion {g.texts[i]!r} of prompt {g.row['prompt']!r}: rewards "
+                                 "must be finite numbers or None (None drops the completion)")
     out, dropped = [], 0
     for g in groups:
         rs = [scored[(id(g), i)] if (id(g), i) in scored else g.rewards[i] for i in range(len(g.texts))]
@@ -215,13 +219,12 @@ def update(policy, optimizer, batch: Batch, objective, micro_batch_size: int, ac
     slices = [slice(s, s + size) for s in range(0, n, size)]
     if len(slices) == 1:  # one forward serves both the statistics and the gradient
         token_logps = token_logps_for(policy, batch, slices[0])
-        fill_rollout_logps(batch, token_logps.detach())
-        prepared = objective.prepare(batch, token_logps.detach())
+        current = token_logps.detach()
     else:
         token_logps = None
-        now = all_token_logps(policy, batch, micro_batch_size)
-        fill_rollout_logps(batch, now)
-        prepared = objective.prepare(batch, now)
+        current = all_token_logps(policy, batch, micro_batch_size)
+    fill_rollout_logps(batch, current)
+    prepared = objective.prepare(batch, current)
     norm = accelerator.reduce(torch.tensor([prepared.norm, prepared.loss_sum], device=accelerator.device,
                                            dtype=torch.float64), "sum")
     global_norm, loss_value = float(norm[0]), float(norm[1] / norm[0]) if norm[0] > 0 else 0.0
@@ -242,8 +245,7 @@ def update(policy, optimizer, batch: Batch, objective, micro_batch_size: int, ac
         raise NonFiniteError(f"non-finite gradient norm ({grad_norm}); stopping with the last checkpoint intact")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss_value, "grad_norm": grad_norm, "logps": (token_logps.detach() if token_logps is not None
-            else now), **prepared.stats}
+    return {"loss": loss_value, "grad_norm": grad_norm, "logps": current, **prepared.stats}
 
 
 def fill_rollout_logps(batch: Batch, token_logps: torch.Tensor) -> None:

@@ -7,6 +7,7 @@ Pick rewards by registry name or dotted import path with :func:`resolve`.
 
 from __future__ import annotations
 
+import threading
 from typing import Callable, Sequence
 
 from ..registry import Registry
@@ -21,7 +22,34 @@ def resolve(name_or_path: str) -> RewardFn:
     return REWARDS.resolve(name_or_path)
 
 
-def combine(names: Sequence[str], weights: Sequence[float] | None = None) -> RewardFn:
+def call_with_timeout(fn: RewardFn, name: str, timeout_s: float, *args, **kwargs) -> list:
+    """Run user reward code in a daemon thread; raise ``TimeoutError`` naming it if it hangs.
+
+    >>> call_with_timeout(lambda p, c: [1.0], "one", 5, ["p"], ["c"])
+    [1.0]
+    """
+    if not timeout_s:
+        return fn(*args, **kwargs)
+    result: dict = {}
+
+    def target():
+        try:
+            result["value"] = fn(*args, **kwargs)
+        except BaseException as err:  # re-raised in the caller's thread
+            result["error"] = err
+
+    thread = threading.Thread(target=target, name=f"reward-{name}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"reward {name!r} did not return within {timeout_s} s (task.reward_timeout_s); "
+                           "the run stops here and its last checkpoint is intact")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def combine(names: Sequence[str], weights: Sequence[float] | None = None, timeout_s: float = 0) -> RewardFn:
     """One reward that is the weighted sum of several; ``None`` from any of them gives ``None``.
 
     >>> f = combine(["exact_match", "exact_match"], [1.0, 0.5])
@@ -36,7 +64,7 @@ def combine(names: Sequence[str], weights: Sequence[float] | None = None) -> Rew
     def combined(prompts, completions, **columns):
         total: list = [0.0] * len(completions)
         for fn, weight, name in zip(fns, weights, names):
-            values = fn(prompts, completions, **columns)
+            values = call_with_timeout(fn, name, timeout_s, prompts, completions, **columns)
             if len(values) != len(completions):
                 raise ValueError(f"reward {name!r} returned {len(values)} values for {len(completions)} completions")
             total = [None if (t is None or v is None) else t + weight * float(v) for t, v in zip(total, values)]
@@ -46,3 +74,4 @@ def combine(names: Sequence[str], weights: Sequence[float] | None = None) -> Rew
 
 
 from . import basic  # noqa: E402,F401  (registers the built-in rewards)
+from . import math  # noqa: E402,F401  (registers math, format)
