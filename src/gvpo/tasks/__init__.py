@@ -41,6 +41,7 @@ def get_task(name: str, **options) -> Task:
 
 def _register_builtins() -> None:
     from . import arithmetic  # noqa: F401  (registers itself)
+    from . import math_tasks  # noqa: F401  (registers gsm8k, math500, aime24)
 
 
 _register_builtins()

@@ -1,0 +1,329 @@
+"""Math word-problem tasks scored by the ``math`` reward: ``gsm8k``, ``math500``, ``aime24``.
+
+Rows are ``{"prompt": ..., "answer": <gold final answer>}``: ``answer`` is the final answer only
+(``"72"``, ``"\\frac{14}{3}"``), taken from the data's answer column with
+:func:`gvpo.rewards.math.gold_answer` (so GSM8K's ``... #### 72`` becomes ``"72"``).
+
+Prompts. Plain mode (default): ``template`` with ``{question}`` replaced by the question; it is the
+only placeholder, so LaTeX braces such as ``\\boxed{}`` need no escaping. Chat mode (``chat=True``):
+``prompt`` is a message list ``[{"role": "user", "content": <template filled in>}]`` (after an
+optional ``{"role": "system"}`` message), and the default template asks for the answer in
+``\\boxed{}``; the trainer applies the tokenizer's chat template.
+
+Data. ``path`` is a folder holding ``train.jsonl`` / ``test.jsonl`` (default: the task's folder in
+:func:`gvpo.data_paths.shared_data_dir`), a single data file (jsonl/json via the standard library;
+parquet/csv/... via ``datasets.load_dataset(<format>, data_files=...)``, never the Hub), a
+``datasets.Dataset`` or list of dicts (the test split), or a ``datasets.DatasetDict`` / dict with
+``"train"`` / ``"test"``. ``train_path`` / ``test_path`` override one split.
+
+Splits. ``gsm8k`` has its own ``train.jsonl`` (7473) and ``test.jsonl`` (1319). ``math500`` (500)
+and ``aime24`` (30) are **evaluation-only**: they ship one test file, and their ``train`` is
+**empty** (``extra["eval_only"] is True``) rather than a silent copy of the test set. Give
+``train_path=`` (e.g. the MATH train set) to train on something else.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from ..data_paths import shared_data_dir
+from ..rewards.math import gold_answer
+from . import TASKS, Task
+
+GSM8K_TEMPLATE = "Question: {question}\nAnswer: Let's think step by step."
+MATH_TEMPLATE = "Problem: {question}\nPut the final answer in \\boxed{}.\nSolution: Let's think step by step."
+CHAT_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+
+def fill_template(template: str, question: str) -> str:
+    """``template`` with ``{question}`` replaced; other braces stay as they are.
+
+    >>> fill_template("Q: {question} in \\\\boxed{}", "1+1?")
+    'Q: 1+1? in \\\\boxed{}'
+    """
+    return template.replace("{question}", question)
+
+
+def read_rows(source: Any) -> tuple[list[dict], str]:
+    """Rows of a data file, ``datasets.Dataset`` or list of dicts, and a description of the source."""
+    if isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"data file {path} does not exist")
+        suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".json"):
+            text = path.read_text(encoding="utf-8")
+            if text.lstrip().startswith("["):
+                rows = json.loads(text)
+            else:
+                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            return rows, str(path)
+        import datasets
+
+        fmt = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow"}.get(suffix)
+        if fmt is None:
+            raise ValueError(f"cannot read {path}: use .jsonl, .json, .parquet, .csv or .arrow")
+        kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+        return [dict(r) for r in ds], str(path)
+    if isinstance(source, list):
+        return [dict(r) for r in source], f"list of {len(source)} rows"
+    if hasattr(source, "column_names") and hasattr(source, "__iter__"):  # datasets.Dataset
+        return [dict(r) for r in source], f"datasets.Dataset ({len(source)} rows)"
+    raise TypeError(f"cannot read rows from {type(source).__name__}: give a path, a datasets.Dataset or a list")
+
+
+def _split_sources(path: Any, default_dir: str, splits: tuple[str, ...]) -> dict[str, Any]:
+    """Map each split name to its source according to ``path`` (see the module docstring)."""
+    if path is None:
+        path = shared_data_dir() / default_dir
+    if isinstance(path, dict):
+        return {s: path[s] for s in splits if s in path}  # DatasetDict / dict of splits
+    if isinstance(path, (str, Path)) and Path(path).expanduser().is_dir():
+        folder = Path(path).expanduser()
+        out = {}
+        for s in splits:
+            file = folder / f"{s}.jsonl"
+            if not file.is_file():
+                raise FileNotFoundError(f"{file} does not exist (expected {', '.join(f'{x}.jsonl' for x in splits)})")
+            out[s] = file
+        return out
+    return {"test": path}
+
+
+def build_math_task(
+    name: str,
+    *,
+    default_dir: str,
+    splits: tuple[str, ...],
+    question_column: str,
+    answer_column: str,
+    template: str,
+    chat: bool,
+    system_prompt: str | None,
+    path: Any,
+    train_path: Any,
+    test_path: Any,
+    num_train: int | None,
+    num_test: int | None,
+    seed: int | None,
+    max_new_tokens: int,
+    format_weight: float,
+    answer_transform=None,
+) -> Task:
+    """The shared builder behind ``gsm8k``/``math500``/``aime24``; usable for any question/answer data."""
+    if "{question}" not in template:
+        raise ValueError(f"template must contain '{{question}}', got {template!r}")
+    sources = _split_sources(path, default_dir, splits)
+    if train_path is not None:
+        sources["train"] = train_path
+    if test_path is not None:
+        sources["test"] = test_path
+    if "test" not in sources:
+        raise ValueError(f"task {name!r}: no test split found in {path!r}")
+
+    def make_rows(split: str) -> tuple[list[dict], str]:
+        if split not in sources:
+            return [], "none"
+        raw, described = read_rows(sources[split])
+        rows = []
+        for i, r in enumerate(raw):
+            for col in (question_column, answer_column):
+                if col not in r:
+                    raise KeyError(f"{described} row {i} has no column {col!r} (columns: {sorted(r)})")
+            gold = gold_answer(r[answer_column])
+            if gold is None:
+                raise ValueError(f"{described} row {i}: empty gold answer in column {answer_column!r}")
+            if answer_transform is not None:
+                gold = answer_transform(gold)
+            content = fill_template(template, str(r[question_column]))
+            if chat:
+                messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+                prompt: Any = messages + [{"role": "user", "content": content}]
+            else:
+                prompt = content
+            rows.append({"prompt": prompt, "answer": gold})
+        return rows, described
+
+    train, train_src = make_rows("train")
+    test, test_src = make_rows("test")
+    if seed is not None:
+        random.Random(seed).shuffle(train)
+    if num_train is not None:
+        train = train[:num_train]
+    if num_test is not None:
+        test = test[:num_test]
+    rewards: tuple[str, ...] = ("math",)
+    weights: tuple[float, ...] | None = None
+    if format_weight:
+        rewards, weights = ("math", "format"), (1.0, float(format_weight))
+    return Task(
+        name=name,
+        train=train,
+        test=test,
+        rewards=rewards,
+        reward_weights=weights,
+        accuracy_reward="math",
+        max_new_tokens=max_new_tokens,
+        extra={
+            "template": template,
+            "chat": chat,
+            "system_prompt": system_prompt,
+            "question_column": question_column,
+            "answer_column": answer_column,
+            "sources": {"train": train_src, "test": test_src},
+            "eval_only": "train" not in sources,
+        },
+    )
+
+
+@TASKS.register("gsm8k")
+def gsm8k(
+    *,
+    path: Any = None,
+    train_path: Any = None,
+    test_path: Any = None,
+    chat: bool = False,
+    template: str | None = None,
+    system_prompt: str | None = None,
+    num_train: int | None = None,
+    num_test: int | None = None,
+    seed: int | None = None,
+    max_new_tokens: int = 512,
+    question_column: str = "question",
+    answer_column: str = "answer",
+    format_weight: float = 0.0,
+) -> Task:
+    """GSM8K: 7473 train / 1319 test grade-school word problems with integer answers.
+
+    ``answer_column`` may hold the whole solution (``... #### 72``); rows get ``"72"``.
+    ``seed`` shuffles the train rows (before ``num_train`` keeps the first ones); test keeps file order.
+    ``format_weight > 0`` adds the ``format`` reward with that weight.
+
+    >>> task = gsm8k(num_test=2, num_train=1)
+    >>> task.test[0]["answer"], task.test[0]["prompt"].startswith("Question: Janet"), len(task.train)
+    ('18', True, 1)
+    """
+    if template is None:
+        template = CHAT_TEMPLATE if chat else GSM8K_TEMPLATE
+    return build_math_task(
+        "gsm8k",
+        default_dir="gsm8k",
+        splits=("train", "test"),
+        question_column=question_column,
+        answer_column=answer_column,
+        template=template,
+        chat=chat,
+        system_prompt=system_prompt,
+        path=path,
+        train_path=train_path,
+        test_path=test_path,
+        num_train=num_train,
+        num_test=num_test,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        format_weight=format_weight,
+    )
+
+
+@TASKS.register("math500")
+def math500(
+    *,
+    path: Any = None,
+    train_path: Any = None,
+    test_path: Any = None,
+    chat: bool = False,
+    template: str | None = None,
+    system_prompt: str | None = None,
+    num_train: int | None = None,
+    num_test: int | None = None,
+    seed: int | None = None,
+    max_new_tokens: int = 1024,
+    question_column: str = "problem",
+    answer_column: str = "answer",
+    format_weight: float = 0.0,
+) -> Task:
+    """MATH-500 (Lightman et al.): 500 competition problems with LaTeX answers. **Eval-only**: train is
+    empty unless ``train_path`` is given. ``answer_column="solution"`` takes the gold from the
+    solution's last ``\\boxed{}`` instead of the ``answer`` field.
+
+    >>> task = math500(num_test=1)
+    >>> task.test[0]["answer"], task.train, task.extra["eval_only"]
+    ('\\\\left( 3, \\\\frac{\\\\pi}{2} \\\\right)', [], True)
+    """
+    if template is None:
+        template = CHAT_TEMPLATE if chat else MATH_TEMPLATE
+    return build_math_task(
+        "math500",
+        default_dir="math500",
+        splits=("test",),
+        question_column=question_column,
+        answer_column=answer_column,
+        template=template,
+        chat=chat,
+        system_prompt=system_prompt,
+        path=path,
+        train_path=train_path,
+        test_path=test_path,
+        num_train=num_train,
+        num_test=num_test,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        format_weight=format_weight,
+    )
+
+
+def _strip_leading_zeros(answer: str) -> str:
+    """AIME answers are integers 0-999 written with leading zeros (``"025"``): ``"25"``."""
+    return str(int(answer)) if answer.isdigit() else answer
+
+
+@TASKS.register("aime24")
+def aime24(
+    *,
+    path: Any = None,
+    train_path: Any = None,
+    test_path: Any = None,
+    chat: bool = False,
+    template: str | None = None,
+    system_prompt: str | None = None,
+    num_train: int | None = None,
+    num_test: int | None = None,
+    seed: int | None = None,
+    max_new_tokens: int = 2048,
+    question_column: str = "problem",
+    answer_column: str = "answer",
+    format_weight: float = 0.0,
+) -> Task:
+    """AIME 2024 I+II: 30 problems, integer answers 0-999 (``"025"`` becomes ``"25"``). **Eval-only**:
+    train is empty unless ``train_path`` is given. ``max_new_tokens`` defaults to 2048: AIME solutions
+    are long, and a cut-off completion has no final answer.
+
+    >>> task = aime24()
+    >>> len(task.test), task.test[0]["answer"], task.train
+    (30, '204', [])
+    """
+    if template is None:
+        template = CHAT_TEMPLATE if chat else MATH_TEMPLATE
+    return build_math_task(
+        "aime24",
+        default_dir="aime24",
+        splits=("test",),
+        question_column=question_column,
+        answer_column=answer_column,
+        template=template,
+        chat=chat,
+        system_prompt=system_prompt,
+        path=path,
+        train_path=train_path,
+        test_path=test_path,
+        num_train=num_train,
+        num_test=num_test,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        format_weight=format_weight,
+        answer_transform=_strip_leading_zeros,
+    )

@@ -1,0 +1,222 @@
+"""The ``gsm8k``, ``math500`` and ``aime24`` tasks, and ``gvpo.data_paths``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gvpo import data_paths
+from gvpo.data_paths import data_path, shared_data_dir
+from gvpo.rewards import resolve
+from gvpo.rewards.math import gold_answer
+from gvpo.tasks import TASKS, Task, get_task
+from gvpo.tasks.math_tasks import CHAT_TEMPLATE, GSM8K_TEMPLATE, MATH_TEMPLATE
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+TOY = [
+    {"question": "What is 1+1?", "answer": "1+1=<<1+1=2>>2\n#### 2"},
+    {"question": "What is 10*100?", "answer": "#### 1,000"},
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# The shipped data.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_registered():
+    for name in ("gsm8k", "math500", "aime24"):
+        assert name in TASKS
+
+
+def test_gsm8k_default_rows_match_the_files():
+    task = get_task("gsm8k")
+    assert isinstance(task, Task) and task.name == "gsm8k"
+    raw_test = _jsonl(data_path("gsm8k", "test.jsonl"))
+    assert (len(task.train), len(task.test)) == (7473, 1319)
+    assert all(set(r) == {"prompt", "answer"} for r in task.train + task.test)
+    for row, raw in zip(task.test, raw_test):
+        assert row["answer"] == raw["answer"].rsplit("####", 1)[1].strip().replace(",", "")
+        assert row["prompt"] == GSM8K_TEMPLATE.replace("{question}", raw["question"])
+    assert all("####" not in r["answer"] and "," not in r["answer"] for r in task.train)
+    assert task.rewards == ("math",) and task.accuracy_reward == "math"
+    assert task.max_new_tokens == 512
+    assert task.extra["eval_only"] is False
+    assert task.extra["sources"]["test"].endswith("gsm8k/test.jsonl")
+    assert not {r["prompt"] for r in task.test} & {r["prompt"] for r in task.train}  # disjoint
+
+
+def test_math500_and_aime24_are_eval_only():
+    m = get_task("math500")
+    raw = _jsonl(data_path("math500", "test.jsonl"))
+    assert (len(m.train), len(m.test), m.extra["eval_only"], m.max_new_tokens) == (0, 500, True, 1024)
+    assert [r["answer"] for r in m.test] == [gold_answer(r["answer"]) for r in raw]
+    # that is the data's answer field, less a "\\$" (e.g. "\\$18.90" -> "18.90") or thousands commas
+    changed = [(r["answer"], t["answer"]) for r, t in zip(raw, m.test) if r["answer"] != t["answer"]]
+    assert 0 < len(changed) < 10, changed
+    assert all(t in (r.replace("\\$", "").strip(), r.replace(",", "")) for r, t in changed), changed
+    assert m.test[0]["prompt"] == MATH_TEMPLATE.replace("{question}", raw[0]["problem"])
+
+    a = get_task("aime24")
+    raw = _jsonl(data_path("aime24", "test.jsonl"))
+    assert (len(a.train), len(a.test), a.extra["eval_only"], a.max_new_tokens) == (0, 30, True, 2048)
+    assert [r["answer"] for r in a.test] == [str(int(r["answer"])) for r in raw]  # "025" -> "25"
+    assert any(r["answer"].startswith("0") for r in raw)
+
+
+def test_math500_gold_from_the_solution_column():
+    by_answer = get_task("math500", num_test=50)
+    by_solution = get_task("math500", num_test=50, answer_column="solution")
+    n = 50
+    scores = resolve("math")(
+        ["Q"] * n, [rf"\boxed{{{r['answer']}}}" for r in by_solution.test], answer=[r["answer"] for r in by_answer.test]
+    )
+    assert scores == [1.0] * n
+
+
+def test_rows_score_with_the_task_reward():
+    task = get_task("gsm8k", num_test=20, num_train=0)
+    reward = resolve(task.rewards[0])
+    good = [f"Let me see.\n#### {r['answer']}" for r in task.test]
+    bad = [f"\\boxed{{{int(r['answer']) + 1}}}" for r in task.test]
+    assert reward([r["prompt"] for r in task.test], good, answer=[r["answer"] for r in task.test]) == [1.0] * 20
+    assert reward([r["prompt"] for r in task.test], bad, answer=[r["answer"] for r in task.test]) == [0.0] * 20
+
+
+# ------------------------------------------------------------------------------------------------
+# Options: templates, chat mode, limits, sources.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_chat_mode_builds_messages_with_a_boxed_instruction():
+    task = get_task("math500", chat=True, num_test=2)
+    prompt = task.test[0]["prompt"]
+    assert isinstance(prompt, list) and [m["role"] for m in prompt] == ["user"]
+    assert "\\boxed{}" in prompt[0]["content"] and prompt[0]["content"].startswith("Convert the point")
+    assert prompt[0]["content"] == CHAT_TEMPLATE.replace(
+        "{question}", _jsonl(data_path("math500", "test.jsonl"))[0]["problem"]
+    )
+    task = get_task("gsm8k", chat=True, system_prompt="Be brief.", num_test=1, num_train=1)
+    assert [m["role"] for m in task.test[0]["prompt"]] == ["system", "user"]
+    assert task.test[0]["prompt"][0]["content"] == "Be brief."
+    assert task.extra["chat"] is True
+
+
+def test_custom_template_needs_no_brace_escaping():
+    task = get_task("gsm8k", template="Q: {question}\nEnd with \\boxed{} please.\nA:", num_test=1, num_train=0)
+    assert task.test[0]["prompt"].endswith("\nEnd with \\boxed{} please.\nA:")
+    assert task.test[0]["prompt"].startswith("Q: Janet")
+    with pytest.raises(ValueError, match="question"):
+        get_task("gsm8k", template="no placeholder")
+
+
+def test_limits_and_seed():
+    a = get_task("gsm8k", num_train=5, num_test=3)
+    assert (len(a.train), len(a.test)) == (5, 3)
+    s1 = get_task("gsm8k", num_train=5, num_test=1, seed=1)
+    s2 = get_task("gsm8k", num_train=5, num_test=1, seed=1)
+    assert s1.train == s2.train != a.train
+    assert s1.test == a.test[:1]  # the seed shuffles train only
+
+
+def test_path_as_a_folder_a_file_a_dataset_and_a_dict(tmp_path):
+    import datasets
+
+    _write_jsonl(tmp_path / "d" / "train.jsonl", TOY)
+    _write_jsonl(tmp_path / "d" / "test.jsonl", TOY[:1])
+    task = get_task("gsm8k", path=str(tmp_path / "d"))
+    assert [r["answer"] for r in task.train] == ["2", "1000"] and [r["answer"] for r in task.test] == ["2"]
+
+    # a single file is the test split; the task is then eval-only unless train_path is given
+    task = get_task("gsm8k", path=tmp_path / "d" / "train.jsonl")
+    assert (len(task.train), len(task.test), task.extra["eval_only"]) == (0, 2, True)
+    task = get_task("gsm8k", path=tmp_path / "d" / "test.jsonl", train_path=tmp_path / "d" / "train.jsonl")
+    assert (len(task.train), len(task.test), task.extra["eval_only"]) == (2, 1, False)
+
+    ds = datasets.Dataset.from_list(TOY)
+    task = get_task("gsm8k", path=ds)
+    assert [r["answer"] for r in task.test] == ["2", "1000"]
+    task = get_task("gsm8k", path=datasets.DatasetDict({"train": ds, "test": ds.select([1])}))
+    assert (len(task.train), [r["answer"] for r in task.test]) == (2, ["1000"])
+    task = get_task("gsm8k", path={"train": TOY, "test": TOY})
+    assert len(task.train) == len(task.test) == 2
+
+    ds.to_parquet(str(tmp_path / "toy.parquet"))
+    task = get_task("gsm8k", path=tmp_path / "toy.parquet")
+    assert [r["answer"] for r in task.test] == ["2", "1000"]
+
+    (tmp_path / "toy.json").write_text(json.dumps(TOY), encoding="utf-8")  # a JSON array
+    assert len(get_task("gsm8k", path=tmp_path / "toy.json").test) == 2
+
+
+def test_math500_with_a_train_path_and_custom_columns(tmp_path):
+    rows = [{"q": "What is 1/2 as a decimal?", "sol": r"It is $\boxed{0.5}$."}]
+    f = _write_jsonl(tmp_path / "custom.jsonl", rows)
+    task = get_task("math500", path=f, train_path=f, question_column="q", answer_column="sol")
+    assert task.train == task.test == [{"prompt": MATH_TEMPLATE.replace("{question}", rows[0]["q"]), "answer": "0.5"}]
+    assert task.extra["eval_only"] is False
+
+
+def test_bad_sources_fail_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        get_task("gsm8k", path=tmp_path / "missing.jsonl")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="train.jsonl"):
+        get_task("gsm8k", path=tmp_path / "empty")
+    f = _write_jsonl(tmp_path / "x.jsonl", [{"problem": "p"}])
+    with pytest.raises(KeyError, match="answer"):
+        get_task("math500", path=f)
+    f = _write_jsonl(tmp_path / "y.jsonl", [{"problem": "p", "answer": "  "}])
+    with pytest.raises(ValueError, match="empty gold"):
+        get_task("math500", path=f)
+
+
+def test_format_weight_adds_the_format_reward():
+    task = get_task("gsm8k", format_weight=0.1, num_test=1, num_train=0)
+    assert task.rewards == ("math", "format") and task.reward_weights == (1.0, 0.1)
+    assert task.accuracy_reward == "math"
+
+
+# ------------------------------------------------------------------------------------------------
+# gvpo.data_paths.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_shared_data_dir_finds_the_data():
+    d = shared_data_dir()
+    assert (d / "gsm8k" / "test.jsonl").is_file() and (d / "math500" / "test.jsonl").is_file()
+
+
+def test_env_var_wins_and_must_exist(tmp_path, monkeypatch):
+    monkeypatch.setenv("GVPO_DATA_DIR", str(tmp_path))
+    assert shared_data_dir() == tmp_path.resolve()
+    monkeypatch.setenv("GVPO_DATA_DIR", str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="GVPO_DATA_DIR"):
+        shared_data_dir()
+
+
+def test_cwd_relative_and_not_found(tmp_path, monkeypatch):
+    monkeypatch.delenv("GVPO_DATA_DIR", raising=False)
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "repo")
+    assert shared_data_dir() == (tmp_path / "shared" / "data").resolve()  # ../shared/data
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data_paths, "__file__", str(tmp_path / "a" / "b" / "c.py"))  # as if installed there
+    (tmp_path / "shared" / "data").rename(tmp_path / "shared" / "moved")
+    with pytest.raises(FileNotFoundError) as err:
+        shared_data_dir()
+    assert "GVPO_DATA_DIR" in str(err.value) and str(tmp_path / "shared" / "data") in str(err.value)
