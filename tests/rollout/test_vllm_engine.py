@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,6 +338,48 @@ def test_param_names():
     assert vllm_param_name("base_model.model.model.norm.weight") == "model.norm.weight"
     assert vllm_param_name("model._checkpoint_wrapped_module.layers.0.input_layernorm.weight") == \
         "model.layers.0.input_layernorm.weight"
+
+
+# --- constructing the LLM ------------------------------------------------------------------------
+
+
+class RecordingLLM(FakeLLM):
+    made: list[dict] = []
+
+    def __init__(self, **kwargs):
+        super().__init__(completions=[[5, EOS]])
+        RecordingLLM.made.append(kwargs)
+
+
+@pytest.mark.parametrize("world", ["1", "8"])
+def test_engine_builds_a_colocated_llm(monkeypatch, model, tokenizer, model_dir, world):
+    fake_vllm = SimpleNamespace(LLM=RecordingLLM, SamplingParams=lambda **kw: kw)
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", world)
+    RecordingLLM.made.clear()
+    engine = VLLMEngine(model, tokenizer, gpu_memory_utilization=0.25, max_model_len=2048)
+    kw = RecordingLLM.made[0]
+    assert kw["model"] == str(model_dir) and kw["tokenizer"] == str(model_dir)
+    assert kw["gpu_memory_utilization"] == 0.25 and kw["max_model_len"] == 2048
+    assert kw["dtype"] == "bfloat16"  # a float32 policy samples in bf16 (pi_s only)
+    assert "enable_sleep_mode" not in kw
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # the model stays in this process
+    if world == "8":
+        assert kw["distributed_executor_backend"] == "external_launcher" and kw["tensor_parallel_size"] == 1
+        assert os.environ["MASTER_PORT"]
+    else:
+        assert "distributed_executor_backend" not in kw
+    gen = engine.generate(["Q:"], [3], SamplingParams(2))  # sampling params built by the (fake) vllm module
+    assert engine.llm.sampling[0] == [{"n": 1, "max_tokens": 2, "temperature": 1.0, "top_p": 1.0, "seed": 3,
+                                       "stop_token_ids": [EOS]}]
+    assert gen.completion_ids.shape[0] == 1
+
+
+def test_vllm_dtype(model):
+    assert vllm_engine.vllm_dtype(model) == "bfloat16"
+    assert vllm_engine.vllm_dtype(model.to(torch.float16)) == "float16"
 
 
 # --- import guard --------------------------------------------------------------------------------

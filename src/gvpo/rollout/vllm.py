@@ -25,6 +25,9 @@ How it maps onto gvpo's :class:`~gvpo.rollout.Engine`:
   the LoRA tensors themselves are never sent. The first ``generate`` syncs too, so a resumed run
   never samples from the weights on disk.
 
+- dtype: vLLM samples in bfloat16 unless the policy is float16 (:func:`vllm_dtype`), also when the
+  trainer keeps float32 master weights; ``dtype=`` in the options overrides it.
+
 Why a numerics mismatch between vLLM and the trainer is harmless here: GVPO may sample from any
 pi_s (Corollary 3.2) and the trainer recomputes every log-prob itself (``reference: rollout`` uses
 the trainer's log-probs of the pre-update policy, never vLLM's), so a bf16 vLLM sampling a slightly
@@ -318,9 +321,14 @@ def push_weights(llm, weights) -> None:
 # --- the engine ----------------------------------------------------------------------------------
 
 
-def _dtype_name(model: torch.nn.Module) -> str:
-    dtype = next(model.parameters()).dtype
-    return {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}.get(dtype, "auto")
+def vllm_dtype(model: torch.nn.Module) -> str:
+    """vLLM's dtype for ``model``: float16 for a float16 policy, else bfloat16.
+
+    A float32 policy (float32 master weights, e.g. for lr 1e-6, which bf16 weights cannot resolve)
+    still samples in bfloat16: that changes pi_s only, which GVPO allows (Corollary 3.2). Pass
+    ``dtype="float32"`` in the engine options to sample in float32.
+    """
+    return "float16" if next(model.parameters()).dtype == torch.float16 else "bfloat16"
 
 
 def _model_path(model: torch.nn.Module) -> str:
@@ -363,7 +371,7 @@ class VLLMEngine:
         self.vllm = import_vllm()
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # keep the model in this process
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        kwargs = {"model": _model_path(model), "tokenizer": _model_path(model), "dtype": _dtype_name(model),
+        kwargs = {"model": _model_path(model), "tokenizer": _model_path(model), "dtype": vllm_dtype(model),
                   "gpu_memory_utilization": gpu_memory_utilization, "seed": 0}
         if world > 1:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
