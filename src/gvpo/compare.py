@@ -241,7 +241,8 @@ def compare(objectives: list[str], *, config_path: str | Path | None = None, see
               f"{base.train.prompts_per_step} prompts x k={base.rollout.k}, lr {base.optim.lr}, "
               f"seeds {', '.join(map(str, seed_list))}.")
     write_table(summarize(results), out / "comparison.md", notes=budget)
-    plot_comparison(results, out / "comparison.png", title=budget.split(":")[0] + " (lines: mean over seeds, bands: min to max)")
+    plot_comparison(results, out / "comparison.png",
+                    title=budget.split(":")[0] + " (lines: mean over seeds, bands: min to max)")
     (out / "comparison.json").write_text(json.dumps({"budget": budget, "runs": [r.summary() for r in results]},
                                                     indent=1))
     return out
