@@ -23,7 +23,9 @@ How it maps onto gvpo's :class:`~gvpo.rollout.Engine`:
   stripped, and LoRA adapters are merged into the base weights one layer at a time
   (``W + scale * B @ A``, peft's own ``get_delta_weight``) without touching the training model;
   the LoRA tensors themselves are never sent. The first ``generate`` syncs too, so a resumed run
-  never samples from the weights on disk.
+  never samples from the weights on disk, and so does a ``generate`` inside or after peft's
+  ``disable_adapter()`` (sampling from the base model as reference) when the adapters' on/off state
+  differs from what vLLM holds.
 
 - dtype: vLLM samples in bfloat16 unless the policy is float16 (:func:`vllm_dtype`), also when the
   trainer keeps float32 master weights; ``dtype=`` in the options overrides it.
@@ -292,6 +294,14 @@ def gathered_parameters(model: torch.nn.Module):
     yield
 
 
+def adapters_disabled(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s LoRA adapters are switched off (peft ``disable_adapter()``), which changes
+    the weights vLLM must hold (the base model) without any parameter changing."""
+    model = getattr(model, "module", model)
+    return any(getattr(m, "disable_adapters", False) for m in model.modules()
+               if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer"))
+
+
 def find_vllm_model(llm) -> torch.nn.Module | None:
     """The model inside an in-process vLLM engine, or None if this vLLM keeps it elsewhere."""
     executor = getattr(getattr(llm, "llm_engine", None), "model_executor", None)
@@ -364,6 +374,7 @@ class VLLMEngine:
         self.sleep = enable_sleep_mode
         self._asleep = False
         self._synced = False
+        self._pushed_adapters_off = False
         if llm is not None:  # an existing engine (tests, or a user-built LLM)
             self.vllm = None
             self.llm = llm
@@ -397,6 +408,7 @@ class VLLMEngine:
         with gathered_parameters(inner):
             push_weights(self.llm, iter_vllm_weights(inner))
         self._synced = True
+        self._pushed_adapters_off = adapters_disabled(inner)
 
     # generation ---------------------------------------------------------------------------------
     def eos_token_ids(self) -> list[int]:
@@ -411,8 +423,10 @@ class VLLMEngine:
 
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        if not self._synced:
-            self.sync_weights(self.model)  # weights changed since loading (resume) or LoRA merged
+        if not self._synced or self._pushed_adapters_off != adapters_disabled(self.model):
+            # first rollout (weights may differ from the checkpoint on disk: resume), or LoRA adapters
+            # switched off/on since the last push (sampling from the base model as reference)
+            self.sync_weights(self.model)
         self._wake()
         enc = encode_prompts(self.tokenizer, prompts)
         prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]
