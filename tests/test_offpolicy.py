@@ -151,3 +151,31 @@ def test_bad_offline_file_fails_before_training(model_dir, tmp_path):
         train(load_config(None, overrides(model_dir, tmp_path, "bad", **{
             "sampler.source": "offline", "sampler.offline_path": str(bad)})))
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_reference_sampling_draws_from_the_frozen_initial_policy(model_dir, tmp_path):
+    from gvpo.rollout import SamplingParams as SP
+    from gvpo.sampling import PolicySampler
+
+    run = train(load_config(None, overrides(model_dir, tmp_path, "refs", **{"sampler.source": "reference"})))
+    assert all(r["source/reference"] == 1.0 for r in read_metrics(run / "metrics.jsonl")[1:])
+
+    class Ref:
+        lora = False
+
+        def __init__(self, model):
+            self.model = model
+
+    from gvpo.config import ModelConfig
+    from gvpo.models import load_policy
+    from gvpo.rollout.hf import HFEngine
+
+    policy, tok = load_policy(ModelConfig(name_or_path=str(model_dir)))
+    initial, _ = load_policy(ModelConfig(name_or_path=str(model_dir)))
+    sampler = PolicySampler(HFEngine(policy, tok), k=4, seed=0, source="reference", reference=Ref(initial))
+    before = sampler.sample(rows(0, 2), 0, SP(max_new_tokens=4))
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.mul_(-3.0)  # the policy moves; samples must not
+    after = sampler.sample(rows(0, 2), 0, SP(max_new_tokens=4))
+    assert [g.texts for g in before] == [g.texts for g in after]

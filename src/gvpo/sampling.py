@@ -97,19 +97,19 @@ class PolicySampler:
     """pi_s = the current policy (on-policy), or the fixed reference (``source: reference``)."""
 
     def __init__(self, engine: Engine, k: int, seed: int, source: str = "policy", reference=None):
+        if source == "reference" and reference is None:
+            raise ValueError("sampler.source=reference needs objective.reference=fixed (a reference policy to sample from)")
         self.engine, self.k, self.seed, self.source, self.reference = engine, k, seed, source, reference
+        # a frozen reference copy gets its own engine once; with LoRA the policy's engine samples with adapters off
+        self.reference_engine = (type(engine)(reference.model, engine.tokenizer)
+                                 if source == "reference" and not reference.lora else None)
 
     def sample(self, rows: list[tuple[int, dict]], step: int, params: SamplingParams) -> list[Group]:
-        if self.source == "reference":
-            if self.reference is None or self.reference.lora:
-                return self._from_reference_adapters_off(rows, step, params)
-            engine = type(self.engine)(self.reference.model, self.engine.tokenizer)
-            return generate_groups(engine, rows, self.k, params, seed=self.seed, step=step, source="reference")
-        return generate_groups(self.engine, rows, self.k, params, seed=self.seed, step=step, source="policy")
-
-    def _from_reference_adapters_off(self, rows, step, params):
-        if self.reference is None:
-            raise ValueError("sampler.source=reference needs objective.reference=fixed (a reference policy to sample from)")
+        if self.source == "policy":
+            return generate_groups(self.engine, rows, self.k, params, seed=self.seed, step=step, source="policy")
+        if self.reference_engine is not None:
+            return generate_groups(self.reference_engine, rows, self.k, params, seed=self.seed, step=step,
+                                   source="reference")
         with self.reference.scoring(self.engine.model):
             return generate_groups(self.engine, rows, self.k, params, seed=self.seed, step=step, source="reference")
 
