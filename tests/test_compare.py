@@ -91,3 +91,34 @@ def test_run_one_records_a_non_finite_run(model_dir, tmp_path, monkeypatch):
     assert result.first("eval/accuracy") == 0.25 and result.summary()["accuracy_final"] is None
     again = run_one(config, "gvpo", tmp_path / "gvpo-seed3")  # recorded: not run again
     assert again.error == result.error and again.rows == result.rows
+
+
+def _stability_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "stability.py"
+    spec = importlib.util.spec_from_file_location("bench_stability", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stability_bench_classifies_and_writes_its_table(model_dir, tmp_path):
+    stability = _stability_module()
+    ok = RunResult("gvpo", 0, "x", 1.0, None, _rows([0.40, 0.36], 0.5, 0.1))
+    collapsed = RunResult("gvpo", 1, "x", 1.0, None, _rows([0.40, 0.30], 0.0, 5.0))
+    diverged = RunResult("gvpo", 2, "x", 1.0, "non-finite: nan", _rows([0.40, 0.40], 0.0, 5.0))
+    assert [stability.classify(r, 0.05) for r in (ok, collapsed, diverged)] == ["ok", "collapsed", "diverged"]
+    rows = stability.summarize([("gvpo", 1e-3, ok), ("gvpo", 1e-3, collapsed), ("gvpo", 1e-3, diverged)], 0.05)
+    assert (rows[0]["runs"], rows[0]["diverged"], rows[0]["collapsed"]) == (3, 1, 1)
+    assert rows[0]["accuracy_final"] == pytest.approx(0.33)  # mean of the two finished runs
+
+    out = tmp_path / "stab"
+    assert stability.main(["--lrs", "1e-3,1e-2", "--seeds", "1", "--steps", "2", "--prompts-per-step", "2", "--k", "4",
+                           "--eval-n", "4", "--model", str(model_dir), "--task", "tiny.tiny_add",
+                           "--output-dir", str(out), "task.rewards=tiny.digit_reward"]) == 0
+    table = (out / "stability.md").read_text()
+    cells = [[c.strip() for c in line.split("|")[1:3]] for line in table.splitlines()
+             if line.startswith("| gvpo") or line.startswith("| grpo")]
+    assert cells == [["gvpo", "0.001"], ["gvpo", "0.01"], ["grpo", "0.001"], ["grpo", "0.01"]]
+    assert (out / "stability.png").stat().st_size > 0
