@@ -18,16 +18,31 @@ from . import Generation, SamplingParams, completion_mask_from_ids
 
 
 class SeededGumbelNoise(LogitsProcessor):
-    """Adds per-row Gumbel(0, 1) noise from per-row generators; argmax then samples the softmax."""
+    """Adds per-row Gumbel(0, 1) noise from per-row generators; argmax then samples the softmax.
+
+    Row ``i``'s uniforms are ``torch.rand(vocab, generator=generators[i])``, drawn straight into one
+    reused ``(rows, vocab)`` buffer and turned into Gumbel noise in place (the same operations in the
+    same order as ``-log(-log(u))``, so the samples are bit-identical to drawing each row separately).
+    At a 152k vocabulary and 32 rows that is 1.6-2.7x less time per token than stacking separate draws
+    (41-45 ms against 65-130 ms on one loaded CPU core, ``bench/README.md``).
+    """
 
     def __init__(self, seeds: list[int]):
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self._uniform: Tensor | None = None
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        vocab = scores.shape[-1]
-        uniform = torch.stack([torch.rand(vocab, generator=g) for g in self.generators]).to(scores.device)
-        gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1 - 1e-7)))
-        return scores.float() + gumbel
+        rows, vocab = scores.shape
+        if rows != len(self.generators):
+            raise ValueError(f"scores have {rows} rows but {len(self.generators)} seeds were given")
+        if self._uniform is None or self._uniform.shape != (rows, vocab):
+            self._uniform = torch.empty(rows, vocab)
+        for row, generator in zip(self._uniform, self.generators):
+            torch.rand(vocab, generator=generator, out=row)
+        # in place on the CPU buffer (as before, the noise is computed on CPU whatever the device, so a
+        # seed gives the same noise on every device), then one copy to the scores' device
+        gumbel = self._uniform.clamp_(min=1e-20, max=1 - 1e-7).log_().neg_().log_().neg_()
+        return scores.float() + gumbel.to(scores.device)  # a fresh tensor: callers may keep it
 
 
 def encode_prompts(tokenizer, prompts: list) -> dict:
