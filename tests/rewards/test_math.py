@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-import gvpo.rewards.math as rm
+import gvpo.rewards.verify as rv
 from gvpo.data_paths import shared_data_dir
 from gvpo.rewards import combine, resolve
 from gvpo.rewards.math import (
@@ -307,7 +307,7 @@ def test_in_process_mode_times_out_a_slow_verify_in_the_main_thread(monkeypatch)
         time.sleep(30)
         return True
 
-    monkeypatch.setattr(rm, "_verify_pair", slow)
+    monkeypatch.setattr(rv, "_verify_pair", slow)
     v = MathVerifier(timeout=0.5, workers=0)
     start = time.monotonic()
     assert v.check(["1", "2"], ["1", "2"]) == [0.0, 0.0]
