@@ -44,8 +44,8 @@ def _eval_parser(sub) -> None:
 def _data_parser(sub) -> None:
     p = sub.add_parser("data", help="offline data tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
-    c = dsub.add_parser("check", help="validate a rated-completions file and print a summary", add_help=False)
-    c.add_argument("rest", nargs=argparse.REMAINDER)
+    dsub.add_parser("check", help="validate a rated-completions file and print a summary "
+                                  "(see gvpo data check --help)", add_help=False)
 
 
 def _compare_parser(sub) -> None:
@@ -65,6 +65,11 @@ def _compare_parser(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["data", "check"]:  # its own parser, options in any order
+        from .data import main_check
+
+        return main_check(argv[2:])
     parser = argparse.ArgumentParser(prog="gvpo", description="GVPO post-training for language models")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
@@ -77,10 +82,6 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "eval":
             return _eval(args)
-        if args.command == "data":
-            from .data import main_check
-
-            return main_check(args.rest)
         if args.command == "compare":
             from .compare import main_compare
 

@@ -1,0 +1,48 @@
+"""The command line: help lists every config field, errors name the key, data check wiring."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from gvpo import cli
+from gvpo.config import GVPOConfig, field_docs
+
+
+def test_train_help_lists_every_field_with_its_doc(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    config = GVPOConfig()
+    for section in dataclasses.fields(GVPOConfig):
+        obj = getattr(config, section.name)
+        docs = field_docs(type(obj))
+        for f in dataclasses.fields(obj):
+            assert f"{section.name}.{f.name} (" in out
+            assert docs[f.name], f"{section.name}.{f.name} has no docstring"
+            assert docs[f.name].split()[0] in out
+
+
+def test_unknown_key_is_an_error_naming_the_key_and_choices(capsys):
+    assert cli.main(["train", "objective.bta=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "objective.bta" in err and "did you mean 'objective.beta'" in err
+
+
+def test_bad_choice_names_the_valid_ones(capsys):
+    assert cli.main(["train", "objective.reference=latest"]) == 2
+    assert "fixed, rollout" in capsys.readouterr().err
+
+
+def test_data_check_options_in_any_order(tmp_path, capsys):
+    good = tmp_path / "g.jsonl"
+    good.write_text(json.dumps({"prompt": "p", "completions": ["a", "b"], "rewards": [1, 0]}) + "\n")
+    assert cli.main(["data", "check", "--format", "grouped", str(good)]) == 0
+    assert "prompts" in capsys.readouterr().out
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"prompt": "p", "completions": ["a", "b"], "rewards": [1, NaN]}\n{oops\n')
+    assert cli.main(["data", "check", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "line 1" in err and "line 2" in err
