@@ -1,0 +1,165 @@
+"""Offline GVPO on real rated data: the ``configs/qwen25-math-rm8-offline.yaml`` recipe on 80 of the
+100 rm8 prompts, scored on those 80 and on the 20 held out.
+
+Steps: split the file by prompt (``--held-out`` 20, seeded) into ``<out>/data/{train,held_out}.jsonl``;
+build the tokenizer + random-init Llama from the *training* split only (``<out>/model``, reused when
+present; ``--model-dir`` to use another), so nothing about the held-out prompts reaches the model;
+train with the recipe (``--epochs`` over the 80 groups); then score both splits with
+``implicit_reward_correlation`` (final policy against the initial = reference model) and print:
+
+* within-group Pearson correlation of ``beta * log(pi_theta/pi_ref)`` with the RM scores, next to
+  its ceiling (repeated responses with different scores cap it) and to two baselines: the reference
+  model's own ``log pi_ref`` and the completion length;
+* the GVPO loss (Eq. 16) on all training groups before and after, the per-epoch mean of the logged
+  per-step loss, and what ``on_too_long=skip`` dropped;
+* wall times of each stage. Results also go to ``<out>/results.json``.
+
+The trainer runs single-threaded by default (``--threads``): on a busy 2-core machine one thread was
+2-3x faster than two for this model size.
+
+    python bench/offline_real.py                     # about 20-40 min on 2 busy CPU cores
+    python bench/offline_real.py --epochs 2 --out /tmp/quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "src"))
+
+
+def _load_builder():
+    spec = importlib.util.spec_from_file_location("build_offline_model", REPO / "scripts" / "build_offline_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bom = _load_builder()
+
+
+def epoch_means(values: list[float], steps_per_epoch: int) -> list[float]:
+    return [sum(chunk) / len(chunk) for chunk in
+            (values[i : i + steps_per_epoch] for i in range(0, len(values), steps_per_epoch)) if chunk]
+
+
+def fmt(x) -> str:
+    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(REPO / "configs" / "qwen25-math-rm8-offline.yaml"))
+    p.add_argument("--data", default=None, help="rm8 file (default: the shared data dir's)")
+    p.add_argument("--out", default="runs/bench-offline-real", help="work folder (splits, model, run, results)")
+    p.add_argument("--model-dir", default=None, help="use this built model instead of <out>/model")
+    p.add_argument("--held-out", type=int, default=20)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--epochs", type=float, default=15.0, help="passes over the training groups (default 15)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's default)")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. objective.beta=1 optim.lr=1e-4)")
+    args = p.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from gvpo.config import load_config
+    from gvpo.metrics import read_metrics
+    from gvpo.trainer import train
+    from transformers import AutoTokenizer
+
+    times = {}
+    out = Path(args.out)
+    data = Path(args.data) if args.data else bom.default_data("qwen25_math_rm8")
+    train_path, held_path = bom.split_offline_file(data, out / "data", held_out=args.held_out, seed=args.split_seed)
+    base = load_config(args.config, args.overrides)
+    preset = base.sampler.offline_preset
+
+    model_dir = Path(args.model_dir) if args.model_dir else out / "model"
+    t = time.perf_counter()
+    if not (model_dir / "model.safetensors").exists():
+        print(f"building {model_dir} from {train_path}", flush=True)
+        bom.build_offline_model(train_path, model_dir, preset=preset)
+    times["build_model_s"] = time.perf_counter() - t
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    max_new = base.rollout.max_new_tokens
+    raw_train = bom.load_groups(train_path, preset)
+    train_groups = bom.load_groups(train_path, preset, tokenizer, max_new)
+    held_groups = bom.load_groups(held_path, preset, tokenizer, max_new)
+    skipped = {"train_completions": sum(g.k for g in raw_train) - sum(g.k for g in train_groups),
+               "train_groups": len(raw_train) - len(train_groups),
+               "held_out_completions": sum(g.k for g in bom.load_groups(held_path, preset)) - sum(g.k for g in held_groups)}
+    per_step = base.train.prompts_per_step
+    steps_per_epoch = math.ceil(len(train_groups) / per_step)
+    steps = max(1, round(args.epochs * len(train_groups) / per_step))
+    overrides = {"model.name_or_path": str(model_dir), "sampler.offline_path": str(train_path),
+                 "train.max_steps": steps, "output.dir": str(out), "output.name": "run", "output.progress": False,
+                 "train.checkpoint_every": 0}
+    config = load_config(args.config, [*args.overrides, *(f"{k}={v}" for k, v in overrides.items())])
+    beta = config.objective.beta
+    run_dir = out / "run"
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    print(f"training {steps} steps ({args.epochs:g} epochs of {len(train_groups)} groups, {per_step} per step), "
+          f"beta={beta}, lr={config.optim.lr}, threads={torch.get_num_threads()}", flush=True)
+    t = time.perf_counter()
+    train(config)
+    times["train_s"] = time.perf_counter() - t
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    step_rows = [r for r in rows if "loss" in r]
+    times["train_steps_s"] = step_rows[-1]["time_s"]
+    times["ref_logps_and_setup_s"] = times["train_s"] - step_rows[-1]["time_s"]
+
+    t = time.perf_counter()
+    result_train = bom.implicit_reward_correlation(run_dir / "final", model_dir, train_groups, beta)
+    result_held = bom.implicit_reward_correlation(run_dir / "final", model_dir, held_groups, beta)
+    times["score_s"] = time.perf_counter() - t
+    ceiling_train, ceiling_held = bom.attainable_correlation(train_groups), bom.attainable_correlation(held_groups)
+    losses = [r["loss"] for r in step_rows]
+    results = {
+        "config": str(args.config), "overrides": args.overrides, "beta": beta, "lr": config.optim.lr,
+        "steps": steps, "epochs": args.epochs, "prompts_per_step": per_step, "threads": torch.get_num_threads(),
+        "max_new_tokens": max_new, "model": json.loads((model_dir / "build_info.json").read_text())
+        if (model_dir / "build_info.json").exists() else str(model_dir),
+        "groups": {"train": len(train_groups), "held_out": len(held_groups)}, "skipped": skipped,
+        "train": {**result_train, "ceiling": ceiling_train},
+        "held_out": {**result_held, "ceiling": ceiling_held},
+        "loss_per_epoch": epoch_means(losses, steps_per_epoch),
+        "logged_corr_last_epoch": sum(r["implicit_reward_corr"] for r in step_rows[-steps_per_epoch:]
+                                      if r.get("implicit_reward_corr") is not None) / max(1, min(steps_per_epoch, len(step_rows))),
+        "times": times,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+    print(f"\ngroups: train {len(train_groups)}, held-out {len(held_groups)}; on_too_long=skip dropped "
+          f"{skipped['train_completions']} train completions ({skipped['train_groups']} groups) and "
+          f"{skipped['held_out_completions']} held-out completions at max_new_tokens={max_new}")
+    print(f"{'':10} {'corr':>8} {'ceiling':>8} {'ref logp':>9} {'length':>8} {'loss@ref':>9} {'loss':>9}")
+    for name, r, c in (("train", result_train, ceiling_train), ("held-out", result_held, ceiling_held)):
+        print(f"{name:10} {fmt(r['corr']):>8} {fmt(c['corr']):>8} {fmt(r['ref_logp_corr']):>9} "
+              f"{fmt(r['length_corr']):>8} {r['loss_at_reference']:>9.5f} {r['loss']:>9.5f}")
+    print("  corr = within-group Pearson(beta*log(pi/pi_ref), RM score); ceiling = best any policy can reach; "
+          "ref logp = Pearson(log pi_ref, RM) (the untrained model); length = Pearson(implicit reward, length)")
+    print(f"train loss floor (repeated texts): {ceiling_train['loss_floor']:.2e}")
+    print("per-step loss, mean per epoch:", " ".join(f"{x:.5f}" for x in results["loss_per_epoch"]))
+    print("times:", ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+    print(f"results: {out / 'results.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
