@@ -173,6 +173,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_title(name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    axes[1].set_yscale("symlog", linthresh=0.1)  # the KL estimate can be <= 0 on a short run
     axes[2].set_ylim(-0.05, 1.05)
     fig.suptitle(title)
     fig.tight_layout()
