@@ -46,3 +46,22 @@ def test_data_check_options_in_any_order(tmp_path, capsys):
     assert cli.main(["data", "check", str(bad)]) == 1
     err = capsys.readouterr().err
     assert "line 1" in err and "line 2" in err
+
+
+def test_readme_config_reference_is_current():
+    """The README's config reference is ``describe()`` verbatim, so it cannot drift from the code."""
+    from pathlib import Path
+
+    from gvpo.config import describe
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert describe() in readme
+
+
+def test_scientific_notation_overrides_are_numbers():
+    """YAML 1.1 reads ``3e-2`` as a string; float fields must still accept it."""
+    from gvpo.config import ConfigError, load_config
+
+    assert load_config(None, ["optim.lr=3e-2"]).optim.lr == 0.03
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(None, ["optim.lr=fast"])

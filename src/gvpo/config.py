@@ -227,6 +227,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-2 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
@@ -305,7 +310,11 @@ def validate(config: GVPOConfig) -> GVPOConfig:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"objective.beta=0.05"`` -> ``("objective.beta", 0.05)``; values parsed as YAML scalars."""
+    """``"objective.beta=0.05"`` -> ``("objective.beta", 0.05)``; values parsed as YAML scalars.
+
+    >>> parse_override("objective.beta=0.05"), parse_override("task.rewards=[a, b]")
+    (('objective.beta', 0.05), ('task.rewards', ['a', 'b']))
+    """
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key=value, e.g. objective.beta=0.05")
     key, raw = text.split("=", 1)
