@@ -44,7 +44,7 @@ def center(values: Tensor, index: Tensor, num_groups: int) -> Tensor:
     >>> center(torch.tensor([1., 3., 10.]), torch.tensor([0, 0, 1]), 2).tolist()
     [-1.0, 1.0, 0.0]
     """
-    return values - group_mean(values, index, num_groups)[index]
+    return values - group_mean(values, index, num_groups).index_select(0, index)
 
 
 def group_std(values: Tensor, index: Tensor, num_groups: int) -> Tensor:

@@ -17,10 +17,74 @@ from torch import Tensor, nn
 DEFAULT_CHUNK_ROWS = 256
 
 
+def _row_blocks(x: Tensor) -> list[Tensor]:
+    """``x (..., V)`` as 2-D ``(rows, V)`` views, in row-major order, without copying.
+
+    ``x.view(-1, V)`` when the strides allow it; otherwise (e.g. ``logits[:, :-1]``, whose batch stride
+    skips a row) one block per leading index, recursively, instead of the full copy ``reshape`` makes.
+    """
+    if x.dim() <= 2:
+        return [x.reshape(-1, x.shape[-1])]
+    try:
+        return [x.view(-1, x.shape[-1])]
+    except RuntimeError:
+        return [block for sub in x.unbind(0) for block in _row_blocks(sub)]
+
+
+def _row_chunks(logits: Tensor, chunk_rows: int):
+    """Yield ``(first_row, chunk (n, V))`` over all rows of ``logits (..., V)``, ``n <= chunk_rows``."""
+    row = 0
+    for block in _row_blocks(logits):
+        for start in range(0, block.shape[0], chunk_rows):
+            chunk = block[start : start + chunk_rows]
+            yield row, chunk
+            row += chunk.shape[0]
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """``log softmax(logits)[labels]`` chunk by chunk, forward *and* backward.
+
+    Backward writes ``g * (onehot(label) - softmax(chunk))`` into one gradient buffer chunk by chunk;
+    autograd through per-chunk slices would instead allocate a zero tensor the size of all the logits
+    for every chunk (twice the memory, and chunks x the work).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, chunk_rows: int) -> Tensor:
+        flat_labels = labels.reshape(-1)
+        out = torch.empty(flat_labels.shape[0], dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(out)
+        for row, chunk in _row_chunks(logits, chunk_rows):
+            rows = slice(row, row + chunk.shape[0])
+            chunk = chunk.float()
+            lse[rows] = torch.logsumexp(chunk, dim=-1)
+            out[rows] = chunk.gather(-1, flat_labels[rows, None]).squeeze(-1) - lse[rows]
+        ctx.save_for_backward(logits, flat_labels, lse)
+        ctx.chunk_rows = chunk_rows
+        return out.reshape(labels.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        logits, flat_labels, lse = ctx.saved_tensors
+        grad_out = grad_out.reshape(-1).float()
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        flat_grad = grad.view(-1, logits.shape[-1])
+        for row, chunk in _row_chunks(logits, ctx.chunk_rows):
+            rows = slice(row, row + chunk.shape[0])
+            g = grad_out[rows, None]
+            part = (chunk.float() - lse[rows, None]).exp_().mul_(-g)  # -g * softmax
+            part.scatter_add_(-1, flat_labels[rows, None], g)  # + g at the label
+            flat_grad[rows] = part
+        return grad, None, None
+
+
 def token_logps_from_logits(logits: Tensor, labels: Tensor, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Tensor:
     """``log softmax(logits)[labels]`` without a full-vocabulary float32 copy.
 
-    Shapes: ``logits (..., V)``, ``labels (...)`` integer; returns float32 ``(...)``.
+    Shapes: ``logits (..., V)``, ``labels (...)`` integer; returns float32 ``(...)``. Extra memory is a
+    few ``chunk_rows x V`` float32 chunks in the forward, plus the logits' gradient (in their dtype)
+    in the backward; strided views such as ``logits[:, :-1]`` are not copied.
 
     >>> logits = torch.tensor([[[0.0, 0.0], [1.0, 3.0]]])
     >>> token_logps_from_logits(logits, torch.tensor([[0, 1]])).exp()
@@ -29,16 +93,9 @@ def token_logps_from_logits(logits: Tensor, labels: Tensor, *, chunk_rows: int =
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"labels shape {tuple(labels.shape)} must equal logits shape without the vocabulary, "
                          f"{tuple(logits.shape[:-1])}")
-    flat_logits = logits.reshape(-1, logits.shape[-1])
-    flat_labels = labels.reshape(-1, 1)
-    out = []
-    for start in range(0, flat_logits.shape[0], chunk_rows):
-        chunk = flat_logits[start : start + chunk_rows].float()
-        picked = chunk.gather(-1, flat_labels[start : start + chunk_rows]).squeeze(-1)
-        out.append(picked - torch.logsumexp(chunk, dim=-1))
-    if not out:
-        return flat_logits.new_zeros(labels.shape, dtype=torch.float32)
-    return torch.cat(out).reshape(labels.shape)
+    if labels.numel() == 0:
+        return logits.new_zeros(labels.shape, dtype=torch.float32)
+    return _ChunkedTokenLogps.apply(logits, labels, chunk_rows)
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:

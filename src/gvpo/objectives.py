@@ -77,17 +77,20 @@ def gvpo_weights(logps: Tensor, ref_logps: Tensor, rewards: Tensor, group_ids: T
     return (center(rewards.detach(), index, num_groups) - beta * center(log_ratio, index, num_groups))
 
 
-def _loss_normalisers(group_ids: Tensor) -> tuple[Tensor, int, Tensor, int]:
-    """Dense index, G, per-completion ``1/(G * (k_g - 1))`` (0 where k_g = 1), and G_valid."""
+def _loss_normalisers(group_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, int, Tensor, int]:
+    """Dense index, G, per-group ``1/(G * (k_g - 1))`` in ``dtype`` (0 where k_g = 1), and G_valid."""
     index, num_groups = dense_index(group_ids)
     sizes = group_sizes(index, num_groups)
     valid = sizes >= 2
     num_valid = int(valid.sum())
     if num_valid == 0:
         raise ValueError(
-            "every group has a single completion (k = 1): GVPO needs k >= 2 completions in at least one group"
+            "group_ids: every group has a single completion (k = 1): GVPO needs k >= 2 completions "
+            "in at least one group"
         )
-    per_group = torch.where(valid, 1.0 / (num_valid * (sizes - 1).clamp(min=1)), torch.zeros(()))
+    # Divide in the inputs' dtype: an int / int here gives float32 and would cap float64 at ~1e-8.
+    denominators = (num_valid * (sizes - 1).clamp(min=1)).to(dtype)
+    per_group = torch.where(valid, denominators.reciprocal(), torch.zeros((), dtype=dtype, device=sizes.device))
     return index, num_groups, per_group, num_valid
 
 
@@ -110,10 +113,10 @@ def gvpo_loss(logps: Tensor, ref_logps: Tensor, rewards: Tensor, group_ids: Tens
     tensor(1.)
     """
     check_inputs(logps, ref_logps, rewards, group_ids, beta)
-    index, num_groups, per_group, _ = _loss_normalisers(group_ids)
     implicit = beta * (logps - ref_logps)
+    index, num_groups, per_group, _ = _loss_normalisers(group_ids, implicit.dtype)
     residual = center(implicit, index, num_groups) - center(rewards.to(implicit.dtype), index, num_groups)
-    per_completion = 0.5 * residual**2 * per_group.to(implicit.dtype)[index]
+    per_completion = 0.5 * residual**2 * per_group.index_select(0, index)
     return per_completion.sum()
 
 
@@ -130,8 +133,8 @@ def gvpo_grad_coefficients(
     tensor([ 1., -1.])
     """
     w = gvpo_weights(logps, ref_logps, rewards, group_ids, beta=beta)
-    index, _, per_group, _ = _loss_normalisers(group_ids)
-    return beta * w * per_group.to(w.dtype)[index]
+    index, _, per_group, _ = _loss_normalisers(group_ids, w.dtype)
+    return beta * w * per_group.index_select(0, index)
 
 
 def weighted_nll(logps: Tensor, weights: Tensor, group_ids: Tensor) -> Tensor:
@@ -167,7 +170,7 @@ def _best_and_worst(rewards: Tensor, index: Tensor, num_groups: int) -> tuple[Te
     result = []
     for reduce in ("amax", "amin"):
         extreme = rewards.new_empty(num_groups).scatter_reduce(0, index, rewards, reduce, include_self=False)
-        is_extreme = rewards == extreme[index]
+        is_extreme = rewards == extreme.index_select(0, index)
         pos = torch.where(is_extreme, positions, torch.full_like(positions, n))
         first = torch.full((num_groups,), n, dtype=positions.dtype, device=rewards.device)
         result.append(first.scatter_reduce(0, index, pos, "amin", include_self=True))
@@ -186,7 +189,7 @@ def grpo_scheme(logps, ref_logps, rewards, group_ids, *, beta, eps: float = 1e-4
     check_inputs(logps, ref_logps, rewards, group_ids, beta)
     index, num_groups = dense_index(group_ids)
     r = rewards.detach()
-    return center(r, index, num_groups) / (group_std(r, index, num_groups)[index] + eps)
+    return center(r, index, num_groups) / (group_std(r, index, num_groups).index_select(0, index) + eps)
 
 
 @WEIGHT_SCHEMES.register("dr_grpo")
