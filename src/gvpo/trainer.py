@@ -90,7 +90,7 @@ def train(config: GVPOConfig, *, resume: str | Path | None = None) -> Path:
     # --- run folder, resume ---------------------------------------------------------------------
     run_dir = Path(resume) if resume else run_dir_for(config)
     ckpt_dir = run_dir / "checkpoints"
-    state = {"step": 0, "samples": 0, "elapsed_s": 0.0, "processes": world}
+    state = {"step": 0, "samples": 0, "trained": 0, "elapsed_s": 0.0, "processes": world}
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
@@ -159,7 +159,7 @@ def train(config: GVPOConfig, *, resume: str | Path | None = None) -> Path:
         totals = accelerator.reduce(torch.tensor([float(generated), float(dropped), float(len(batch))],
                                                  device=accelerator.device), "sum")
         state["samples"] += int(totals[0].item())
-        state["trained"] = state.get("trained", 0) + int(totals[2].item())
+        state["trained"] += int(totals[2].item())
         state["step"] = step + 1
         state["elapsed_s"] = time.perf_counter() - start
         row = {"step": step + 1, "samples": state["samples"], "completions_trained": state["trained"],
@@ -177,7 +177,8 @@ def train(config: GVPOConfig, *, resume: str | Path | None = None) -> Path:
             save(step + 1)
     bar.close()
 
-    save(state["step"])
+    if not (cfg_train.checkpoint_every and state["step"] % cfg_train.checkpoint_every == 0):
+        save(state["step"])
     if accelerator.is_main_process:
         save_pretrained(policy, tokenizer, run_dir / "final")
         if config.output.plots:
