@@ -1,7 +1,8 @@
 """Offline GVPO on real rated data: the ``configs/qwen25-math-rm8-offline.yaml`` recipe on 80 of the
-100 rm8 prompts, scored on those 80 and on the 20 held out.
+100 rm8 prompts, scored on those 80 and on the 20 held out (``--preset gsm8k_model_solutions``: the
+gsm8k recipe, likewise 80/20 of the prompts used).
 
-Steps: split the file by prompt (``--held-out`` 20, seeded) into ``<out>/data/{train,held_out}.jsonl``;
+Steps: split the file by prompt (``--held-out``, default 20%, seeded) into ``<out>/data/{train,held_out}.jsonl``;
 build the tokenizer + random-init Llama from the *training* split only (``<out>/model``, reused when
 present; ``--model-dir`` to use another), so nothing about the held-out prompts reaches the model;
 train with the recipe (``--epochs`` over the 80 groups); then score both splits with
@@ -17,8 +18,9 @@ train with the recipe (``--epochs`` over the 80 groups); then score both splits 
 The trainer runs single-threaded by default (``--threads``): on a busy 2-core machine one thread was
 2-3x faster than two for this model size.
 
-    python bench/offline_real.py                     # about 20-40 min on 2 busy CPU cores
+    python bench/offline_real.py                     # rm8; about 50 min on 2 busy CPU cores
     python bench/offline_real.py --epochs 2 --out /tmp/quick
+    python bench/offline_real.py --preset gsm8k_model_solutions --limit 100
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def _load_builder():
 
 
 bom = _load_builder()
+RECIPES = {"qwen25_math_rm8": "qwen25-math-rm8-offline.yaml", "gsm8k_model_solutions": "gsm8k-solutions-offline.yaml"}
 
 
 def epoch_means(values: list[float], steps_per_epoch: int) -> list[float]:
@@ -60,13 +63,19 @@ def fmt(x) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(REPO / "configs" / "qwen25-math-rm8-offline.yaml"))
-    p.add_argument("--data", default=None, help="rm8 file (default: the shared data dir's)")
-    p.add_argument("--out", default="runs/bench-offline-real", help="work folder (splits, model, run, results)")
+    p.add_argument("--preset", default="qwen25_math_rm8", choices=sorted(RECIPES),
+                   help="which file and recipe (default qwen25_math_rm8)")
+    p.add_argument("--config", default=None, help="recipe (default: configs/<the preset's recipe>)")
+    p.add_argument("--data", default=None, help="the file (default: the preset's file in the shared data dir)")
+    p.add_argument("--limit", type=int, default=None, help="use only the file's first N prompts")
+    p.add_argument("--out", default=None, help="work folder (splits, model, run, results); "
+                                               "default runs/bench-offline-real-<preset>")
     p.add_argument("--model-dir", default=None, help="use this built model instead of <out>/model")
-    p.add_argument("--held-out", type=int, default=20)
+    p.add_argument("--held-out", type=int, default=None, help="prompts held out (default 20%% of those used)")
     p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--epochs", type=float, default=15.0, help="passes over the training groups (default 15)")
+    p.add_argument("--epochs", type=float, default=None,
+                   help="passes over the training groups (default: the recipe's, train.max_steps x "
+                        "prompts_per_step / prompts in the file: 30 for rm8, 15 for gsm8k)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's default)")
     p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. objective.beta=1 optim.lr=1e-4)")
     args = p.parse_args(argv)
@@ -81,9 +90,14 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoTokenizer
 
     times = {}
-    out = Path(args.out)
-    data = Path(args.data) if args.data else bom.default_data("qwen25_math_rm8")
-    train_path, held_path = bom.split_offline_file(data, out / "data", held_out=args.held_out, seed=args.split_seed)
+    args.config = args.config or str(REPO / "configs" / RECIPES[args.preset])
+    out = Path(args.out or f"runs/bench-offline-real-{args.preset}")
+    data = Path(args.data) if args.data else bom.default_data(args.preset)
+    n_lines = sum(1 for ln in data.read_text(encoding="utf-8").splitlines() if ln.strip())
+    used = min(args.limit or n_lines, n_lines)
+    held_out = args.held_out if args.held_out is not None else round(0.2 * used)
+    train_path, held_path = bom.split_offline_file(data, out / "data", held_out=held_out, seed=args.split_seed,
+                                                   limit=used)
     base = load_config(args.config, args.overrides)
     preset = base.sampler.offline_preset
 
@@ -103,6 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
                "held_out_completions": sum(g.k for g in bom.load_groups(held_path, preset)) - sum(g.k for g in held_groups)}
     per_step = base.train.prompts_per_step
     steps_per_epoch = math.ceil(len(train_groups) / per_step)
+    if args.epochs is None:
+        args.epochs = round(base.train.max_steps * per_step / n_lines, 1)
     steps = max(1, round(args.epochs * len(train_groups) / per_step))
     overrides = {"model.name_or_path": str(model_dir), "sampler.offline_path": str(train_path),
                  "train.max_steps": steps, "output.dir": str(out), "output.name": "run", "output.progress": False,
@@ -121,8 +137,10 @@ def main(argv: list[str] | None = None) -> dict:
     times["train_s"] = time.perf_counter() - t
     rows = read_metrics(run_dir / "metrics.jsonl")
     step_rows = [r for r in rows if "loss" in r]
-    times["train_steps_s"] = step_rows[-1]["time_s"]
-    times["ref_logps_and_setup_s"] = times["train_s"] - step_rows[-1]["time_s"]
+    # the one-time reference log-probs of every training completion are computed inside step 1
+    times["step1_with_reference_logps_s"] = step_rows[0]["time_s"]
+    times["steps_after_first_s"] = step_rows[-1]["time_s"] - step_rows[0]["time_s"]
+    times["s_per_step"] = times["steps_after_first_s"] / max(len(step_rows) - 1, 1)
 
     t = time.perf_counter()
     result_train = bom.implicit_reward_correlation(run_dir / "final", model_dir, train_groups, beta)
@@ -131,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     ceiling_train, ceiling_held = bom.attainable_correlation(train_groups), bom.attainable_correlation(held_groups)
     losses = [r["loss"] for r in step_rows]
     results = {
-        "config": str(args.config), "overrides": args.overrides, "beta": beta, "lr": config.optim.lr,
+        "preset": args.preset, "config": str(args.config), "overrides": args.overrides, "prompts_used": used, "beta": beta, "lr": config.optim.lr,
         "steps": steps, "epochs": args.epochs, "prompts_per_step": per_step, "threads": torch.get_num_threads(),
         "max_new_tokens": max_new, "model": json.loads((model_dir / "build_info.json").read_text())
         if (model_dir / "build_info.json").exists() else str(model_dir),
@@ -152,11 +170,13 @@ def main(argv: list[str] | None = None) -> dict:
     for name, r, c in (("train", result_train, ceiling_train), ("held-out", result_held, ceiling_held)):
         print(f"{name:10} {fmt(r['corr']):>8} {fmt(c['corr']):>8} {fmt(r['ref_logp_corr']):>9} "
               f"{fmt(r['length_corr']):>8} {r['loss_at_reference']:>9.5f} {r['loss']:>9.5f}")
-    print("  corr = within-group Pearson(beta*log(pi/pi_ref), RM score); ceiling = best any policy can reach; "
-          "ref logp = Pearson(log pi_ref, RM) (the untrained model); length = Pearson(implicit reward, length)")
+    print("  corr = within-group Pearson(beta*log(pi/pi_ref), reward), mean over groups whose rewards vary "
+          f"({result_train['groups_scored']} train, {result_held['groups_scored']} held-out); ceiling = best any "
+          "policy can reach; ref logp = Pearson(log pi_ref, reward) (the untrained model); "
+          "length = Pearson(implicit reward, completion length)")
     print(f"train loss floor (repeated texts): {ceiling_train['loss_floor']:.2e}")
     print("per-step loss, mean per epoch:", " ".join(f"{x:.5f}" for x in results["loss_per_epoch"]))
-    print("times:", ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+    print("times (s):", ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
     print(f"results: {out / 'results.json'}")
     return results
 

@@ -4,19 +4,24 @@ What it writes (``--out``, default ``runs/offline-models/rm8`` or ``.../gsm8k``)
 ``AutoTokenizer.from_pretrained`` / ``AutoModelForCausalLM.from_pretrained``:
 
 * a byte-level BPE tokenizer trained locally with ``tokenizers`` on the file's prompts and
-  completions (``--vocab-size``, default 4096), specials ``<pad>`` (0) ``<s>`` (1) ``</s>`` (2),
+  completions (``--vocab-size``, default 2048), specials ``<pad>`` (0) ``<s>`` (1) ``</s>`` (2),
   ``<s>`` prepended to every encoded text (``add_special_tokens=True``), and a minimal chat
   template (``<|role|>\\ncontent\\n`` per message, ``<|assistant|>\\n`` as the generation prompt) so
   chat-message prompts such as the rm8 file's ``[system, user]`` work;
 * a ``LlamaForCausalLM`` from a ``LlamaConfig`` (random init, ``--hidden``/``--layers``/``--heads``,
-  tied embeddings, ``max_position_embeddings`` = ``--max-positions``), saved as safetensors;
+  tied embeddings, ``max_position_embeddings`` = ``--max-positions``), saved as safetensors. The
+  default (hidden 64, 2 layers, MLP 128, vocab 2048: 0.21M parameters) is 2.4x faster per training
+  step on CPU than hidden 128 / vocab 4096 (0.85M) at 10% more tokens per text, and on the rm8
+  recipe 30 epochs of it fit the training groups better (correlation 0.97) than 23 epochs of the
+  larger one (0.86) in less wall time;
 * ``build_info.json``: the settings and the token lengths of the file's prompts and completions
   (completions counted as the trainer counts them: ``add_special_tokens=False`` plus EOS), so a
   ``rollout.max_new_tokens`` can be picked and the ``on_too_long=skip`` losses predicted.
 
 Why a Llama config: transformers 5.x maps some model types (e.g. ``qwen2``) to their own tokenizer
-class, which then rebuilt a different tokenizer from this folder; a Llama folder with
-``tokenizer_class: PreTrainedTokenizerFast`` round-trips exactly (checked by :func:`check_round_trip`).
+class, which then rebuilt a different tokenizer from this folder; this Llama folder reloads as the
+generic tokenizers-backed class from ``tokenizer.json`` and encodes, decodes and templates exactly as
+built (checked by :func:`check_round_trip` on every build).
 
 Also importable (the offline tests and ``bench/offline_real.py`` use it): :func:`build_offline_model`,
 :func:`train_tokenizer`, :func:`build_model`, :func:`split_offline_file` (train / held-out jsonl
@@ -89,7 +94,7 @@ def corpus_texts(groups: Iterable[Any]) -> Iterable[str]:
         yield from g.completions
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, *, min_frequency: int = 2):
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, *, min_frequency: int = 2):
     """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts`` (see the module doc).
 
     Byte-level: any text encodes (no unknown token) and decodes back to itself.
@@ -104,7 +109,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, *, min_frequen
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(list(texts), trainer=trainer)
     for i, s in enumerate(SPECIAL_TOKENS):
-        assert tok.token_to_id(s) == i, (s, tok.token_to_id(s))
+        if tok.token_to_id(s) != i:
+            raise RuntimeError(f"special token {s!r} got id {tok.token_to_id(s)}, expected {i}")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", BOS_ID)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
@@ -113,7 +119,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, *, min_frequen
     return tokenizer
 
 
-def build_model(vocab_size: int, *, hidden: int = 128, layers: int = 2, heads: int = 4, intermediate: int = 0,
+def build_model(vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int = 0,
                 max_positions: int = 4096, seed: int = 0):
     """A randomly initialised ``LlamaForCausalLM`` (tied embeddings, no dropout); ``intermediate`` 0 = 2 x hidden."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -190,8 +196,8 @@ def check_round_trip(out_dir: str | Path, tokenizer, model, texts: Sequence[str]
             raise RuntimeError("reloaded model gives different logits")
 
 
-def build_offline_model(data: str | Path, out_dir: str | Path, *, preset: str | None = None, vocab_size: int = 4096,
-                        hidden: int = 128, layers: int = 2, heads: int = 4, intermediate: int = 0,
+def build_offline_model(data: str | Path, out_dir: str | Path, *, preset: str | None = None, vocab_size: int = 2048,
+                        hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int = 0,
                         max_positions: int = 4096, seed: int = 0, groups: Sequence[Any] | None = None,
                         check: bool = True) -> dict:
     """Train the tokenizer on ``data`` (or on ``groups`` when given), build the model, save both to
@@ -396,8 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default runs/offline-models/rm8 for qwen25_math_rm8, "
                                                "runs/offline-models/gsm8k for gsm8k_model_solutions, else "
                                                "runs/offline-models/<preset>)")
-    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size incl. 3 specials (default 4096)")
-    p.add_argument("--hidden", type=int, default=128, help="hidden size (default 128)")
+    p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size incl. 3 specials (default 2048)")
+    p.add_argument("--hidden", type=int, default=64, help="hidden size (default 64)")
     p.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
     p.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
     p.add_argument("--intermediate", type=int, default=0, help="MLP size; 0 = 2 x hidden (default)")
