@@ -18,9 +18,36 @@ train with the recipe (``--epochs`` over the 80 groups); then score both splits 
 The trainer runs single-threaded by default (``--threads``): on a busy 2-core machine one thread was
 2-3x faster than two for this model size.
 
-    python bench/offline_real.py                     # rm8; about 50 min on 2 busy CPU cores
+    python bench/offline_real.py                     # rm8: about 20 min on 2 busy CPU cores
     python bench/offline_real.py --epochs 2 --out /tmp/quick
-    python bench/offline_real.py --preset gsm8k_model_solutions --limit 100
+    python bench/offline_real.py --preset gsm8k_model_solutions      # about 10 min
+
+Recorded (this machine: 2 CPU cores shared with other jobs, torch 2.13 CPU, one thread; defaults,
+split seed 0; deterministic, a second run gave the same numbers)::
+
+    rm8   (79 train groups, 20 held out; max_new_tokens 768 skipped 16 train completions = 1 group,
+           and 2 held-out completions; 1185 steps = 30 epochs, beta 0.1, lr 3e-4 cosine)
+                  corr  ceiling  ref-logp  loss@ref    loss
+      train     0.9695   0.9876    0.0258   0.25361  0.00042
+      held-out  0.0287   0.9996   -0.0865   0.05110  0.07609
+      per-epoch mean step loss 0.245 0.223 0.142 0.128 0.095 ... 0.0026 0.0024 0.0015 0.0005 0.0009
+                               0.0002 0.0007 0.0002 0.0006
+      times: step 1 with reference log-probs 100 s, 0.9 s/step after, train 1188 s, scoring 26 s
+
+    gsm8k (240 train groups, 124 with mixed correctness; 60 held out, 33 mixed; nothing skipped at
+           400; 900 steps = 15 epochs)
+      train     0.9997   1.0000    0.0035   0.07101  0.00009
+      held-out  0.1649   1.0000   -0.3114   0.07708  0.08548
+      times: step 1 with reference log-probs 33 s, 0.6 s/step after, train 559 s, scoring 23 s
+
+On the training groups the loss falls to 0.17% (rm8) and 0.13% (gsm8k) of its value at pi_ref and
+the implicit rewards line up with the given rewards. 8 of the 79 rm8 groups stay below 0.9: three
+at their ceiling (MATH idx 9, 46, 69: copies of one response scored differently cap them at 0.76,
+0.68, 0.84), four with reward std 0.015-0.03 not yet fitted that finely (0.69-0.90), and idx 5 (std
+0.13) at 0.88; every other group with std >= 0.035 reaches 0.93 or more. The random-init
+model learns nothing that transfers: held-out correlations are at chance (rm8 per-group values range
+-0.55..0.64 over 20 groups; gsm8k 0.16 over 33 groups of 4, within about 1.5 standard errors of 0)
+and the held-out loss rises above its value at pi_ref.
 """
 
 from __future__ import annotations
