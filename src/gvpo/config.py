@@ -124,7 +124,7 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-3
+    lr: float = 2e-4
     """AdamW learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
@@ -142,7 +142,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 60
+    max_steps: int = 40
     """Optimizer steps (each: one batch of prompts x k completions)."""
     prompts_per_step: int = 16
     """B: prompts per step, across all processes."""
