@@ -124,17 +124,17 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-4
+    lr: float = 1e-4
     """AdamW learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     adam_beta1: float = 0.9
     """AdamW beta1."""
-    adam_beta2: float = 0.99
+    adam_beta2: float = 0.999
     """AdamW beta2."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this; 0 = no clipping."""
-    warmup_steps: int = 0
+    warmup_steps: int = 10
     """Linear learning-rate warm-up steps."""
     scheduler: Literal["constant", "cosine", "linear"] = "constant"
     """Learning-rate schedule after warm-up."""
