@@ -28,8 +28,8 @@ probability of the gold completion (= expected accuracy of one temperature-1 sam
 Recorded run (2 CPU cores shared with other jobs, so wall time varies; torch 2.13 CPU, transformers 5.24)::
 
     HF_HUB_OFFLINE=1 python scripts/make_default_model.py          # seed 0, all defaults
-    -> kept step 1100 of 1,279 s of wall time (2 shared cores): held-out greedy 0.31, temperature-1
-       sample accuracy 0.45, pass@8 0.92; details in the asset folder's training_info.json
+    -> kept step 1100 after ~1,230 s of wall time (2 shared cores): held-out test greedy 0.24,
+       pass@8 0.93; details in the asset folder's training_info.json
 
 Deterministic for a given seed, thread count and torch build.
 """
