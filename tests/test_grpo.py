@@ -18,6 +18,7 @@ from gvpo.trainer import train
 from gvpo.update import Batch, create_objective
 
 import tiny
+from test_trainer import overrides as trainer_overrides
 
 AGGREGATIONS = ["sequence_mean", "token_mean", "constant"]
 EPS = 0.2
@@ -215,12 +216,10 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def overrides(model_dir: Path, out: Path, name: str, **extra) -> dict:
-    base = {"model.name_or_path": str(model_dir), "task.name": "tiny.tiny_add", "task.rewards": ["tiny.digit_reward"],
-            "train.max_steps": 2, "train.prompts_per_step": 2, "rollout.k": 4, "output.dir": str(out),
-            "output.name": name, "train.eval_every": 0, "train.eval_n": 4, "train.checkpoint_every": 0,
-            "output.progress": False, "output.tensorboard": False, "output.plots": False, "optim.lr": 1e-2}
-    base.update(extra)
-    return base
+    """test_trainer's settings, shortened to 2 steps of 2 prompts with no evaluation or checkpoints."""
+    short = {"train.max_steps": 2, "train.prompts_per_step": 2, "train.eval_every": 0, "train.eval_n": 4,
+             "train.checkpoint_every": 0}
+    return trainer_overrides(model_dir, out, name, **{**short, **extra})
 
 
 def test_trainer_runs_grpo_and_logs_its_metrics(model_dir, tmp_path):
