@@ -134,6 +134,33 @@ def test_offline_training_fits_the_rewards_and_caches_reference_logps(model_dir,
     assert [p.stat().st_mtime_ns for p in (tmp_path / ".ref_cache").glob("*.safetensors")] == [stamp]
 
 
+def test_offline_reference_scores_in_length_chunks_equal_scoring_each_row_alone(model_dir):
+    """Chunks of similar length pad less; every row's token log-probs must be those of the row alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gvpo.data import OfflineGroup
+    from gvpo.logprobs import completion_token_logps
+    from gvpo.offpolicy import OfflineSampler
+    from gvpo.sampling import build_batch
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).double().eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    groups = [OfflineGroup("Q: 1+2= A:", [" 3", " 33333", " 1+1+1+1"], [1.0, 0.0, 0.5]),
+              OfflineGroup("Q: 12+345+6789= A:", [" 7146", " 1"], [1.0, 0.0]),
+              OfflineGroup("Q: 4= A:", [" 4", " 44", " 444", " 4444"], [1.0, 0.0, 0.0, 0.0])]
+    sampler = OfflineSampler(groups, tok, seed=0)
+    with torch.no_grad():
+        table = sampler._score_all(model, chunk=2)
+        assert table.shape == (9, max(len(c) for ids in sampler.ids for c in ids))
+        for i, g in enumerate(groups):
+            for j, ids in enumerate(sampler.ids[i]):
+                alone = build_batch([Group(0, {"prompt": g.prompt}, [ids], [""], ["offline"])], [[0.0]], tok, "cpu")
+                expected = completion_token_logps(model, *alone.rows(slice(None)))[0]
+                row = table[sampler.offsets[i] + j]
+                torch.testing.assert_close(row[: len(ids)], expected.float(), rtol=1e-6, atol=1e-6)
+                assert row[len(ids):].eq(0).all() and row[: len(ids)].ne(0).all()
+
+
 def test_mixture_puts_offline_and_policy_completions_in_one_group(model_dir, tmp_path):
     data = write_offline(tmp_path / "offline.jsonl")
     run = train(load_config(None, overrides(model_dir, tmp_path, "mix", **{

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .rollout import Engine, SamplingParams, hash_seed
 from .sampling import Group, generate_groups
@@ -143,22 +144,39 @@ class OfflineSampler:
 
     def _all_reference_logps(self, reference, micro_batch_size: int) -> torch.Tensor:
         from .data import RefLogpCache, fingerprint_model
-        from .sampling import build_batch
-        from .update import all_token_logps
 
         def compute():
-            groups = [Group(i, {"prompt": g.prompt}, self.ids[i], g.completions, ["offline"] * g.k)
-                      for i, g in enumerate(self.groups)]
             with reference.scoring(self.engine_model) as ref_model:
-                device = next(ref_model.parameters()).device
-                batch = build_batch(groups, [g.rewards for g in self.groups], self.tokenizer, device)
-                return all_token_logps(ref_model, batch, micro_batch_size or 16).cpu()
+                return self._score_all(ref_model, micro_batch_size or 16)
 
         if self.cache_dir is None:
             return compute()
         with reference.scoring(self.engine_model) as ref_model:
             key = {**self.cache_key, "model": fingerprint_model(ref_model)}
         return RefLogpCache(self.cache_dir).get_or_compute(key, compute).cpu()
+
+    def _score_all(self, model, chunk: int) -> torch.Tensor:
+        """(total completions, longest completion) token log-probs of every completion under ``model``.
+
+        Rows are scored in chunks of similar length (sorted by prompt characters + completion tokens),
+        so a chunk pads to its own longest row rather than the dataset's.
+        """
+        from .sampling import build_batch
+        from .update import all_token_logps
+
+        rows = [(i, j) for i, g in enumerate(self.groups) for j in range(g.k)]
+        rows.sort(key=lambda ij: (len(prompt_key(self.groups[ij[0]].prompt)), len(self.ids[ij[0]][ij[1]])))
+        width = max(len(c) for ids in self.ids for c in ids)
+        out = torch.zeros(self.offsets[-1], width)
+        device = next(model.parameters()).device
+        for start in tqdm(range(0, len(rows), chunk), desc="reference log-probs", unit="chunk", leave=False):
+            part = rows[start : start + chunk]
+            groups = [Group(n, {"prompt": self.groups[i].prompt}, [self.ids[i][j]], [""], ["offline"])
+                      for n, (i, j) in enumerate(part)]
+            batch = build_batch(groups, [[0.0]] * len(part), self.tokenizer, device)
+            logps = all_token_logps(model, batch, 0).cpu()
+            out[[self.offsets[i] + j for i, j in part], : logps.shape[1]] = logps
+        return out
 
     def _group_at(self, position: int) -> int:
         epoch, offset = divmod(position, len(self.groups))
