@@ -91,7 +91,7 @@ class SamplerConfig:
     replay_historical: int = 4
     """Replay: completions per group taken from the buffer (the rest are fresh), e.g. 4 of k=8 is the paper's 4:4."""
     replay_revisit: float = 0.5
-    """Replay: share of each step's prompts drawn again from the buffer (prompts need history to be replayed)."""
+    """Replay: share of each step's prompts drawn again from the buffer, in [0, 1) (prompts need history to be replayed; the rest are new)."""
     offline_path: str = ""
     """Offline/mixture: path of a grouped or flat rated-completions file (jsonl, json, parquet)."""
     offline_preset: str = ""
@@ -303,6 +303,9 @@ def validate(config: GVPOConfig) -> GVPOConfig:
         raise ConfigError(f"sampler.offline_path is required with sampler.source={config.sampler.source}")
     if config.sampler.source == "replay" and not 0 <= config.sampler.replay_historical < config.rollout.k:
         raise ConfigError(f"sampler.replay_historical must be in [0, rollout.k), got {config.sampler.replay_historical}")
+    if config.sampler.source == "replay" and not 0 <= config.sampler.replay_revisit < 1:
+        raise ConfigError(f"sampler.replay_revisit must be in [0, 1), got {config.sampler.replay_revisit}: at 1 no "
+                          "new prompt enters after the first step, so training would cycle over its prompts")
     if config.task.reward_weights and len(config.task.reward_weights) != len(config.task.rewards):
         raise ConfigError(f"task.reward_weights has {len(config.task.reward_weights)} values for "
                           f"{len(config.task.rewards)} task.rewards")
