@@ -93,18 +93,18 @@ def test_run_one_records_a_non_finite_run(model_dir, tmp_path, monkeypatch):
     assert again.error == result.error and again.rows == result.rows
 
 
-def _stability_module():
+def _bench_module(name: str):
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "bench" / "stability.py"
-    spec = importlib.util.spec_from_file_location("bench_stability", path)
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_stability_bench_classifies_and_writes_its_table(model_dir, tmp_path):
-    stability = _stability_module()
+    stability = _bench_module("stability")
     ok = RunResult("gvpo", 0, "x", 1.0, None, _rows([0.40, 0.36], 0.5, 0.1))
     collapsed = RunResult("gvpo", 1, "x", 1.0, None, _rows([0.40, 0.30], 0.0, 5.0))
     diverged = RunResult("gvpo", 2, "x", 1.0, "non-finite: nan", _rows([0.40, 0.40], 0.0, 5.0))
@@ -122,3 +122,42 @@ def test_stability_bench_classifies_and_writes_its_table(model_dir, tmp_path):
              if line.startswith("| gvpo") or line.startswith("| grpo")]
     assert cells == [["gvpo", "0.001"], ["gvpo", "0.01"], ["grpo", "0.001"], ["grpo", "0.01"]]
     assert (out / "stability.png").stat().st_size > 0
+
+
+def test_sample_efficiency_bench_counts_completions_to_the_target(model_dir, tmp_path):
+    """Hand-worked: evaluations every step, 8 completions per step (``_rows``).
+
+    on-policy seed 0 accuracies 0.2, 0.5, 0.95, 0.9 -> first >= 0.9 at step 2 = 16 completions;
+    seed 1: 0.2, 0.91, 0.8, 0.92 -> step 1 = 8. replay seed 0: 0.2, 0.9, 0.7, 0.8 -> 8 (ratio 0.5);
+    seed 1: 0.2, 0.95, 0.9, 0.9 -> 8 (ratio 1). Paired mean ratio 0.75; ratio of means 8 / 12.
+    Last three evaluations: on-policy 0.7833 and 0.8767, replay 0.8 and 0.9167, so the paired
+    differences are +0.0167 and +0.04: no loss.
+    """
+    se = _bench_module("sample_efficiency")
+    runs = {"on-policy": [RunResult("on-policy", 0, "x", 1.0, None, _rows([0.2, 0.5, 0.95, 0.9], 0, 0)),
+                          RunResult("on-policy", 1, "x", 1.0, None, _rows([0.2, 0.91, 0.8, 0.92], 0, 0))],
+            "replay-4:4": [RunResult("replay-4:4", 0, "x", 1.0, None, _rows([0.2, 0.9, 0.7, 0.8], 0, 0)),
+                           RunResult("replay-4:4", 1, "x", 1.0, None, _rows([0.2, 0.95, 0.9, 0.9], 0, 0))],
+            "updates-per-batch-2": [RunResult("updates-per-batch-2", 0, "x", 1.0, None, _rows([0.2, 0.5, 0.6, 0.7], 0, 0)),
+                                    RunResult("updates-per-batch-2", 1, "x", 1.0, None, _rows([0.2, 0.3, 0.95, 0.5], 0, 0))]}
+    base, replay, upb = se.summarize(runs, 0.9)
+    assert base["completions_to_target"] == [16, 8] and base["steps_to_target"] == [2, 1]
+    assert replay["completions_to_target"] == [8, 8] and replay["ratio_paired_mean"] == pytest.approx(0.75)
+    assert replay["ratio_of_means"] == pytest.approx(8 / 12)
+    assert replay["accuracy_last3"] == pytest.approx([0.8, 2.75 / 3])
+    assert upb["reached"] == 1 and upb["ratio_paired_mean"] is None and upb["completions_to_target_mean"] is None
+    lines = se.verdict([base, replay, upb], 0.9)
+    assert lines[0].startswith("replay-4:4: 0.75x") and "misses" in lines[0] and "no significant loss" in lines[0]
+    assert "1/2 seeds only" in lines[1] and lines[1].endswith("a loss")
+
+    out = tmp_path / "se"
+    assert se.main(["--variants", "replay-4:4", "--seeds", "1", "--steps", "2", "--jobs", "1", "--eval-n", "4",
+                    "--output-dir", str(out), f"model.name_or_path={model_dir}", "task.name=tiny.tiny_add",
+                    "task.rewards=[tiny.digit_reward]", "train.prompts_per_step=2"]) == 0
+    table = (out / "sample_efficiency.md").read_text()
+    assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:] \
+        == ["on-policy", "replay-4:4"]
+    saved = json.loads((out / "sample_efficiency.json").read_text())["rows"]
+    # on-policy: 2 steps x 2 prompts x 8; replay: 2 x 8 new, then 1 revisited prompt (4 fresh) + 1 new (8)
+    assert [r["generated_total"] for r in saved] == [[32], [16 + 4 + 8]]
+    assert (out / "sample_efficiency.png").stat().st_size > 0
