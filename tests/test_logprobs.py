@@ -186,3 +186,56 @@ def test_completion_logps_without_logits_to_keep_and_gradients(tiny_llama):
     grad = tiny_llama.model.embed_tokens.weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
     tiny_llama.zero_grad()
+
+
+def make_group_batch():
+    """Rows as a trainer builds them: prompt 0 x3, prompt 1 x1, prompt 2 x2, then prompt 0 again x2 (a
+    repeat that is not adjacent); prompts of lengths 2, 6, 4 left-padded, completions of 1-5 tokens."""
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g) for n in (2, 6, 4)]
+    order = [0, 0, 0, 1, 2, 2, 0, 0]
+    completions = [torch.randint(1, VOCAB, (n,), generator=g) for n in (4, 1, 5, 3, 2, 5, 1, 3)]
+    P, C = 6, 5
+    rows, attn, cmask = [], [], []
+    for i, c in zip(order, completions):
+        p = prompts[i]
+        rows.append(torch.cat([torch.full((P - len(p),), PAD), p, c, torch.full((C - len(c),), PAD)]))
+        attn.append(torch.cat([torch.zeros(P - len(p)), torch.ones(len(p) + len(c)), torch.zeros(C - len(c))]))
+        cmask.append(torch.cat([torch.ones(len(c)), torch.zeros(C - len(c))]))
+    return [prompts[i] for i in order], completions, torch.stack(rows), torch.stack(attn).long(), torch.stack(cmask).long()
+
+
+def test_shared_prompts_give_the_same_logps_and_gradients(tiny_llama):
+    """Prefix sharing runs each run of identical consecutive prompts once and gathers its KV cache to the
+    rows. In float64 it must match the plain path (every row runs prompt + completion) and the
+    unpadded per-example reference, value and gradient, and it must really run fewer tokens."""
+    import copy
+
+    from gvpo.logprobs import prompt_owners
+
+    model = copy.deepcopy(tiny_llama).double()
+    prompts, completions, input_ids, attention_mask, completion_mask = make_group_batch()
+    assert prompt_owners(input_ids[:, :6], attention_mask[:, :6]).tolist() == [0, 0, 0, 1, 2, 2, 3, 3]
+    seen = []
+    hook = model.model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].numel()),
+                                                 with_kwargs=True)
+    upstream = torch.randn(completion_mask.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads, values = [], []
+    for share in (True, False):
+        model.zero_grad()
+        out = completion_token_logps(model, input_ids, attention_mask, completion_mask, share_prompts=share)
+        (out * upstream).sum().backward()
+        values.append(out.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    hook.remove()
+    assert seen == [4 * 6, 8 * 5, 8 * 11]  # shared: 4 prompts, then 8 completions; plain: 8 whole rows
+    # Llama's RMSNorm computes in float32 even in a float64 model, so a different summation order (the
+    # completion pass attends over a cache) can flip a float32 rounding: float32-level tolerances.
+    assert values[0].dtype == values[1].dtype == torch.float64
+    torch.testing.assert_close(values[0], values[1], rtol=1e-7, atol=1e-7)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for b, (p, c) in enumerate(zip(prompts, completions)):
+        ref = unpadded_reference(model, p, c)
+        torch.testing.assert_close(values[0][b, : len(c)], ref, rtol=1e-7, atol=1e-7)
+        assert values[0][b, len(c):].abs().sum() == 0

@@ -150,6 +150,8 @@ class TrainConfig:
     """Gradient steps on each generated batch (no importance weights needed, Corollary 3.2)."""
     micro_batch_size: int = 0
     """Completions per forward/backward; 0 = the whole batch. The update is the same for any value."""
+    share_prompts: bool = True
+    """Run each group's prompt once per forward and reuse its KV cache for the k completions (prefix sharing); off = every row runs prompt + completion. Same result up to float rounding."""
     seed: int = 0
     """Seed for data order, sampling and initialisation."""
     eval_every: int = 10

@@ -11,6 +11,8 @@ sampling temperature only changes pi_s, which GVPO needs no correction for (Coro
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor, nn
 
@@ -41,6 +43,11 @@ def _row_chunks(logits: Tensor, chunk_rows: int):
             row += chunk.shape[0]
 
 
+def _compute_dtype(logits: Tensor) -> torch.dtype:
+    """float32 for half-precision and float32 logits, float64 for float64."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
 class _ChunkedTokenLogps(torch.autograd.Function):
     """``log softmax(logits)[labels]`` chunk by chunk, forward *and* backward.
 
@@ -52,11 +59,11 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor, chunk_rows: int) -> Tensor:
         flat_labels = labels.reshape(-1)
-        out = torch.empty(flat_labels.shape[0], dtype=torch.float32, device=logits.device)
+        out = torch.empty(flat_labels.shape[0], dtype=_compute_dtype(logits), device=logits.device)
         lse = torch.empty_like(out)
         for row, chunk in _row_chunks(logits, chunk_rows):
             rows = slice(row, row + chunk.shape[0])
-            chunk = chunk.float()
+            chunk = chunk.to(out.dtype)
             lse[rows] = torch.logsumexp(chunk, dim=-1)
             out[rows] = chunk.gather(-1, flat_labels[rows, None]).squeeze(-1) - lse[rows]
         ctx.save_for_backward(logits, flat_labels, lse)
@@ -67,13 +74,13 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
         logits, flat_labels, lse = ctx.saved_tensors
-        grad_out = grad_out.reshape(-1).float()
+        grad_out = grad_out.reshape(-1).to(lse.dtype)
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         flat_grad = grad.view(-1, logits.shape[-1])
         for row, chunk in _row_chunks(logits, ctx.chunk_rows):
             rows = slice(row, row + chunk.shape[0])
             g = grad_out[rows, None]
-            part = (chunk.float() - lse[rows, None]).exp_().mul_(-g)  # -g * softmax
+            part = (chunk.to(lse.dtype) - lse[rows, None]).exp_().mul_(-g)  # -g * softmax
             part.scatter_add_(-1, flat_labels[rows, None], g)  # + g at the label
             flat_grad[rows] = part
         return grad, None, None
@@ -82,7 +89,8 @@ class _ChunkedTokenLogps(torch.autograd.Function):
 def token_logps_from_logits(logits: Tensor, labels: Tensor, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Tensor:
     """``log softmax(logits)[labels]`` without a full-vocabulary float32 copy.
 
-    Shapes: ``logits (..., V)``, ``labels (...)`` integer; returns float32 ``(...)``. Extra memory is a
+    Shapes: ``logits (..., V)``, ``labels (...)`` integer; returns float32 ``(...)`` (float64 for float64
+    logits, so exactness checks stay exact). Extra memory is a
     few ``chunk_rows x V`` float32 chunks in the forward, plus the logits' gradient (in their dtype)
     in the backward; strided views such as ``logits[:, :-1]`` are not copied.
 
@@ -94,7 +102,7 @@ def token_logps_from_logits(logits: Tensor, labels: Tensor, *, chunk_rows: int =
         raise ValueError(f"labels shape {tuple(labels.shape)} must equal logits shape without the vocabulary, "
                          f"{tuple(logits.shape[:-1])}")
     if labels.numel() == 0:
-        return logits.new_zeros(labels.shape, dtype=torch.float32)
+        return logits.new_zeros(labels.shape, dtype=_compute_dtype(logits))
     return _ChunkedTokenLogps.apply(logits, labels, chunk_rows)
 
 
@@ -110,15 +118,26 @@ def completion_token_logps(
     completion_mask: Tensor,
     *,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    share_prompts: bool = True,
 ) -> Tensor:
     """Per-token log-probs of the completion part of ``input_ids``, zero where ``completion_mask`` is 0.
 
     ``input_ids, attention_mask: (B, P + C)`` hold a (left-padded) prompt followed by a
     (right-padded) completion of ``C`` tokens; ``completion_mask: (B, C)``. Only the last ``C + 1``
     positions' logits are computed (``logits_to_keep``) when the model supports it.
-    Returns ``token_logps: (B, C)`` float32.
+    Returns ``token_logps: (B, C)`` float32 (float64 for a float64 model).
+
+    With ``share_prompts`` (and a transformers model that keeps a KV cache, without gradient
+    checkpointing), consecutive rows with the same prompt, such as the k completions of a group, run
+    that prompt once: see :func:`shared_prompt_token_logps`. The result is the same up to float
+    rounding; gradients flow through the shared prompt.
     """
     num_completion = completion_mask.shape[1]
+    if share_prompts and num_completion > 0 and caches_prompts(model):
+        owner = prompt_owners(input_ids[:, :-num_completion], attention_mask[:, :-num_completion])
+        if owner is not None:
+            return shared_prompt_token_logps(model, input_ids, attention_mask, completion_mask, owner,
+                                             chunk_rows=chunk_rows)
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask,
                   position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     try:
@@ -128,6 +147,80 @@ def completion_token_logps(
     logits = logits[:, -(num_completion + 1) : -1]
     labels = input_ids[:, -num_completion:]
     token_logps = token_logps_from_logits(logits, labels, chunk_rows=chunk_rows)
+    return token_logps * completion_mask.to(token_logps.dtype)
+
+
+def caches_prompts(model: nn.Module) -> bool:
+    """A transformers decoder that can return and take a KV cache (gradient checkpointing turns it off)."""
+    base = _base_model(model)
+    config = getattr(base, "config", None)
+    checkpointing = getattr(base, "is_activation_checkpointing", None)
+    if checkpointing is None:  # transformers < 5
+        checkpointing = getattr(base, "is_gradient_checkpointing", False)
+    return (config is not None and hasattr(base, "generate") and not getattr(config, "is_encoder_decoder", False)
+            and not checkpointing)
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under DDP/FSDP (``.module``) and PEFT (``get_base_model``) wrappers."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The forward keyword of the KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(_base_model(model).forward).parameters else "past_key_values"
+
+
+def prompt_owners(prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor | None:
+    """``(B,)`` index of each row's prompt among the runs of identical consecutive prompts, or ``None``
+    when no two consecutive rows share a prompt (nothing to save).
+
+    >>> ids = torch.tensor([[5, 6], [5, 6], [7, 8], [5, 6]])
+    >>> prompt_owners(ids, torch.ones_like(ids))
+    tensor([0, 0, 1, 2])
+    """
+    if prompt_ids.shape[0] < 2 or prompt_ids.shape[1] == 0:
+        return None
+    same = (prompt_ids[1:] == prompt_ids[:-1]).all(-1) & (prompt_mask[1:] == prompt_mask[:-1]).all(-1)
+    if not bool(same.any()):
+        return None
+    starts = torch.cat([same.new_ones(1), ~same])
+    return starts.long().cumsum(0) - 1
+
+
+def prompt_cache(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, owner: Tensor):
+    """Run each distinct prompt once (its first row per ``owner``) with ``use_cache=True``; returns the
+    model output (last-position logits) and its KV cache gathered to all ``B`` rows."""
+    first_rows = torch.cat([owner.new_zeros(1), (owner[1:] != owner[:-1]).nonzero().squeeze(-1) + 1])
+    ids, mask = prompt_ids[first_rows], prompt_mask[first_rows]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True,
+                logits_to_keep=1)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    cache.batch_select_indices(owner.to(ids.device))
+    return out, cache
+
+
+def shared_prompt_token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor,
+                              owner: Tensor, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Tensor:
+    """:func:`completion_token_logps` with each distinct prompt run once (prefix sharing).
+
+    ``owner: (B,)`` maps rows to their prompt (:func:`prompt_owners`). The ``U`` distinct prompts run
+    with ``use_cache=True``; their KV cache is gathered to ``B`` rows (differentiable indexing) and the
+    ``C`` completion tokens run on top of it with positions that continue each prompt. The first
+    completion token is scored from the prompt's last logits, the others from the completion pass.
+    For a group of k completions of a P-token prompt this runs ``P + k*C`` tokens instead of ``k*(P + C)``.
+    """
+    num_completion = completion_mask.shape[1]
+    plen = input_ids.shape[1] - num_completion
+    prompt_out, cache = prompt_cache(model, input_ids[:, :plen], attention_mask[:, :plen], owner)
+    positions = position_ids_from_mask(attention_mask)[:, plen:]
+    completion_logits = model(input_ids=input_ids[:, plen:], attention_mask=attention_mask, position_ids=positions,
+                              use_cache=True, **{cache_argument(model): cache}).logits
+    labels = input_ids[:, plen:]
+    head = token_logps_from_logits(prompt_out.logits[:, -1][owner], labels[:, 0], chunk_rows=chunk_rows)
+    rest = token_logps_from_logits(completion_logits[:, :-1], labels[:, 1:], chunk_rows=chunk_rows)
+    token_logps = torch.cat([head[:, None], rest], 1)
     return token_logps * completion_mask.to(token_logps.dtype)
 
 

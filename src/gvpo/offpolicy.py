@@ -167,8 +167,9 @@ class OfflineSampler:
         rows = [(i, j) for i, g in enumerate(self.groups) for j in range(g.k)]
         rows.sort(key=lambda ij: (len(prompt_key(self.groups[ij[0]].prompt)), len(self.ids[ij[0]][ij[1]])))
         width = max(len(c) for ids in self.ids for c in ids)
-        out = torch.zeros(self.offsets[-1], width)
-        device = next(model.parameters()).device
+        weight = next(model.parameters())
+        out = torch.zeros(self.offsets[-1], width, dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32)
+        device = weight.device
         for start in tqdm(range(0, len(rows), chunk), desc="reference log-probs", unit="chunk", leave=False):
             part = rows[start : start + chunk]
             groups = [Group(n, {"prompt": self.groups[i].prompt}, [self.ids[i][j]], [""], ["offline"])

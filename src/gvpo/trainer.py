@@ -44,6 +44,12 @@ def run_dir_for(config: GVPOConfig) -> Path:
     return Path(config.output.dir) / name
 
 
+def fused_adam_ok(params) -> bool:
+    """torch's fused AdamW (one kernel for all tensors; the default single-tensor loop on CPU costs ~2x
+    the time) takes floating-point tensors on CPU or CUDA."""
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
 def make_scheduler(optimizer, config: GVPOConfig):
     warmup, total, kind = config.optim.warmup_steps, max(config.train.max_steps, 1), config.optim.scheduler
 
@@ -77,12 +83,12 @@ def train(config: GVPOConfig, *, resume: str | Path | None = None) -> Path:
     policy, tokenizer = load_policy(config.model, accelerator.device)
     reference = Reference(policy, config.model.lora) if cfg_obj.reference == "fixed" else None
     objective = create_objective(cfg_obj)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.optim.lr,
-                                  betas=(config.optim.adam_beta1, config.optim.adam_beta2),
-                                  weight_decay=config.optim.weight_decay)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.optim.lr, betas=(config.optim.adam_beta1, config.optim.adam_beta2),
+                                  weight_decay=config.optim.weight_decay, fused=fused_adam_ok(trainable) or None)
     scheduler = make_scheduler(optimizer, config)
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    engine = create_engine(config.rollout.engine, unwrap(policy), tokenizer,
+    engine = create_engine(config.rollout.engine, unwrap(policy), tokenizer, share_prompts=cfg_train.share_prompts,
                            gpu_memory_utilization=config.rollout.vllm_gpu_memory_utilization)
     params = SamplingParams(max_new_tokens, config.rollout.temperature, config.rollout.top_p)
     sampler = create_sampler(config, engine, reference, tokenizer, max_new_tokens)
@@ -144,7 +150,8 @@ def train(config: GVPOConfig, *, resume: str | Path | None = None) -> Path:
             batch.ref_token_logps = sampler.reference_token_logps(groups, batch, reference, cfg_train.micro_batch_size)
             if batch.ref_token_logps is None:
                 with reference.scoring(unwrap(policy)) as ref_model:
-                    batch.ref_token_logps = all_token_logps(ref_model, batch, cfg_train.micro_batch_size)
+                    batch.ref_token_logps = all_token_logps(ref_model, batch, cfg_train.micro_batch_size,
+                                                            cfg_train.share_prompts)
 
         # 4. update on whole-group statistics
         for _ in range(cfg_train.updates_per_batch):
@@ -218,12 +225,13 @@ def update(policy, optimizer, batch: Batch, objective, micro_batch_size: int, ac
     n = len(batch)
     size = micro_batch_size or n
     slices = [slice(s, s + size) for s in range(0, n, size)]
+    share = config.train.share_prompts
     if len(slices) == 1:  # one forward serves both the statistics and the gradient
-        token_logps = token_logps_for(policy, batch, slices[0])
+        token_logps = token_logps_for(policy, batch, slices[0], share)
         current = token_logps.detach()
     else:
         token_logps = None
-        current = all_token_logps(policy, batch, micro_batch_size)
+        current = all_token_logps(policy, batch, micro_batch_size, share)
     fill_rollout_logps(batch, current)
     prepared = objective.prepare(batch, current)
     norm = accelerator.reduce(torch.tensor([prepared.norm, prepared.loss_sum], device=accelerator.device,
@@ -233,7 +241,7 @@ def update(policy, optimizer, batch: Batch, objective, micro_batch_size: int, ac
     for i, sl in enumerate(slices):
         last = i == len(slices) - 1
         with accelerator.no_sync(policy) if not last else contextlib.nullcontext():
-            tl = token_logps if token_logps is not None else token_logps_for(policy, batch, sl)
+            tl = token_logps if token_logps is not None else token_logps_for(policy, batch, sl, share)
             loss = objective.micro_loss(tl, batch, sl, prepared) * scale
             if not torch.isfinite(loss):
                 raise NonFiniteError(f"non-finite loss ({loss.item()}) at a micro-batch of rows {sl.start}:{sl.stop}; "

@@ -116,14 +116,15 @@ def create_objective(config):
     return WeightedObjective(name, config.beta)
 
 
-def token_logps_for(model, batch: Batch, rows: slice) -> Tensor:
-    """(n, C) per-token log-probs of ``batch`` rows ``rows`` (with grad if enabled)."""
-    return completion_token_logps(model, *batch.rows(rows))
+def token_logps_for(model, batch: Batch, rows: slice, share_prompts: bool = True) -> Tensor:
+    """(n, C) per-token log-probs of ``batch`` rows ``rows`` (with grad if enabled); ``share_prompts`` runs
+    each group's prompt once (see :func:`gvpo.logprobs.completion_token_logps`)."""
+    return completion_token_logps(model, *batch.rows(rows), share_prompts=share_prompts)
 
 
 @torch.no_grad()
-def all_token_logps(model, batch: Batch, micro_batch_size: int) -> Tensor:
+def all_token_logps(model, batch: Batch, micro_batch_size: int, share_prompts: bool = True) -> Tensor:
     """(N, C) per-token log-probs of every row, computed micro-batch by micro-batch without grad."""
     n = len(batch)
     step = micro_batch_size or n
-    return torch.cat([token_logps_for(model, batch, slice(s, s + step)).float() for s in range(0, n, step)])
+    return torch.cat([token_logps_for(model, batch, slice(s, s + step), share_prompts) for s in range(0, n, step)])

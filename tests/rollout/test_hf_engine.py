@@ -159,3 +159,28 @@ def test_same_seed_same_noise_whatever_the_batch():
     a = SeededGumbelNoise([5, 6, 7])(ids, scores)
     b = SeededGumbelNoise([7])(ids[:1], scores[:1])
     assert torch.equal(a[2], b[0]) and not torch.equal(a[0], a[1])
+
+
+@pytest.mark.parametrize("params", [SamplingParams(max_new_tokens=12, temperature=1.3),
+                                    SamplingParams(max_new_tokens=12, greedy=True)])
+def test_shared_prompts_generate_the_same_tokens_and_run_fewer(engine, params):
+    """Groups as the trainer sends them (k rows per prompt, consecutive; prompts of different lengths):
+    prefilling each prompt once and reusing its cache gives the same completions as prefilling every
+    row, and the prefill sees 3 prompts instead of 12 rows."""
+    prompts = [p for p in PROMPTS[:3] for _ in range(4)]
+    seeds = list(range(100, 112))
+    rows_seen = []
+    hook = engine.model.model.register_forward_pre_hook(
+        lambda m, args, kwargs: rows_seen.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        shared = engine.generate(prompts, seeds, params)
+        first_shared = list(rows_seen)
+        rows_seen.clear()
+        plain = HFEngine(engine.model, engine.tokenizer, share_prompts=False).generate(prompts, seeds, params)
+    finally:
+        hook.remove()
+    assert shared.texts == plain.texts and torch.equal(shared.completion_ids, plain.completion_ids)
+    width = plain.prompt_ids.shape[1]
+    assert first_shared[0] == (3, width - 1) and first_shared[1] == (12, 1)  # 3 prompts, then the last token
+    assert rows_seen[0] == (12, width)  # plain: every row's whole prompt
+    assert len({tuple(row(shared, i)) for i in range(12)}) > 3 or params.greedy

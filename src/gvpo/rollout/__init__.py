@@ -74,12 +74,12 @@ def hash_seed(*parts: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-def create_engine(name: str, model, tokenizer, **options) -> Engine:
-    """Engine by name: ``hf`` or ``vllm``."""
+def create_engine(name: str, model, tokenizer, *, share_prompts: bool = True, **options) -> Engine:
+    """Engine by name: ``hf`` (``share_prompts``: prefill each group's prompt once) or ``vllm``."""
     if name == "hf":
         from .hf import HFEngine
 
-        return HFEngine(model, tokenizer)
+        return HFEngine(model, tokenizer, share_prompts=share_prompts)
     if name == "vllm":
         from .vllm import VLLMEngine
 

@@ -14,6 +14,7 @@ from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
+from ..logprobs import cache_argument, caches_prompts, prompt_cache, prompt_owners
 from . import Generation, SamplingParams, completion_mask_from_ids
 
 
@@ -63,12 +64,26 @@ def eos_ids(tokenizer, model) -> list[int]:
 class HFEngine:
     """Batched ``model.generate`` on the policy itself: there are no separate weights to sync."""
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, share_prompts: bool = True):
         self.model = model
         self.tokenizer = tokenizer
+        self.share_prompts = share_prompts
 
     def sync_weights(self, model) -> None:
         self.model = model
+
+    def _shared_prompt_cache(self, prompt_ids: Tensor, prompt_mask: Tensor) -> dict:
+        """``generate`` keyword for a KV cache of every prompt but its last token, computed once per run of
+        identical consecutive prompts (a group's k rows) and gathered to all rows; ``{}`` when no prompt
+        repeats or the model cannot take a cache. ``generate`` then runs only the last prompt token and
+        the new ones, as it would after any cached prefix."""
+        if not self.share_prompts or prompt_ids.shape[1] < 2 or not caches_prompts(self.model):
+            return {}
+        owner = prompt_owners(prompt_ids, prompt_mask)
+        if owner is None:
+            return {}
+        _, cache = prompt_cache(self.model, prompt_ids[:, :-1], prompt_mask[:, :-1], owner)
+        return {cache_argument(self.model): cache}
 
     @torch.no_grad()
     def generate(self, prompts: list, seeds: list[int], params: SamplingParams) -> Generation:
@@ -89,7 +104,7 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_config,
-                                  logits_processor=processors)
+                                  logits_processor=processors, **self._shared_prompt_cache(prompt_ids, prompt_mask))
         self.model.train(was_training)
         completion_ids = out[:, prompt_ids.shape[1]:]
         mask = completion_mask_from_ids(completion_ids, eos)
