@@ -10,7 +10,8 @@ MFU = model FLOPs of the timed steps / their wall time / a float32 matmul peak m
 a child process like the runs, before and after them; the higher is the roofline). Model FLOPs per token, with ``N`` the
 parameters that take part in matmuls (all but the input embedding) and attention scores ignored:
 2N for each forward (generation, the fixed reference's scoring) and 6N for each forward+backward
-(the update). Tokens are real ones (prompt + completion of every row; padding not counted).
+(the update). Tokens are the ones computed, padding not counted: each group's prompt once (prefix
+sharing, ``train.share_prompts``, the default; every row's with ``--no-share-prompts``) + every completion.
 
     python bench/throughput.py                      # the default model and a ~30M Llama, 10 steps
     python bench/throughput.py --models 30m --steps 5 --prompts 8
@@ -50,6 +51,7 @@ def child(spec: dict) -> None:
         "rollout.k": spec["k"], "rollout.max_new_tokens": spec["max_new_tokens"],
         "train.max_steps": spec["steps"], "train.prompts_per_step": spec["prompts"],
         "train.micro_batch_size": spec["micro_batch_size"], "train.seed": spec["seed"],
+        "train.share_prompts": spec["share_prompts"],
         "train.eval_every": 0, "train.eval_n": 1, "train.checkpoint_every": 0,
         "objective.name": spec["objective"], "objective.reference": spec["reference"],
         "output.dir": spec["out_dir"], "output.name": "run",
@@ -67,7 +69,8 @@ def child(spec: dict) -> None:
     for row in ss["rows"]:
         rows = step_rows(task.train, row["step"] - 1, spec["prompts"], spec["seed"])
         prompt_lens = tokenizer([r["prompt"] for _, r in rows], add_special_tokens=True)["attention_mask"]
-        tokens += spec["k"] * sum(map(sum, prompt_lens))  # every completion repeats its prompt
+        # prefix sharing runs each group's prompt once; without it every completion repeats its prompt
+        tokens += (1 if spec["share_prompts"] else spec["k"]) * sum(map(sum, prompt_lens))
     completion_tokens = sum(r["completion_len"] * (r["completions_trained"] - prev["completions_trained"])
                             for prev, r in zip([_first_row(run_dir)] + ss["rows"][:-1], ss["rows"]))
     tokens += completion_tokens
@@ -132,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batch-size", type=int, default=0, help="train.micro_batch_size (default 0 = whole batch)")
     p.add_argument("--objective", default="gvpo", help="objective.name (default gvpo)")
     p.add_argument("--reference", default="fixed", choices=["fixed", "rollout"], help="objective.reference")
+    p.add_argument("--no-share-prompts", action="store_true",
+                   help="train.share_prompts=false: every completion runs its prompt again (counted in the FLOPs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads in every run and the matmul peak (default 2)")
     p.add_argument("--peak-n", type=int, default=2048, help="matrix size of the matmul peak (default 2048)")
@@ -156,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             spec = {"model": path, "task": args.task, "steps": args.steps, "prompts": args.prompts, "k": args.k,
                     "max_new_tokens": args.max_new_tokens, "micro_batch_size": args.micro_batch_size,
                     "objective": args.objective, "reference": args.reference, "seed": args.seed,
-                    "threads": args.threads, "out_dir": str(tmp / f"runs-{label}")}
+                    "threads": args.threads, "share_prompts": not args.no_share_prompts,
+                    "out_dir": str(tmp / f"runs-{label}")}
             print(f"running {label} ({note}) ...", flush=True)
             r = _models.run_child(__file__, spec)
             results.append({"label": label, "note": note, **r})
