@@ -239,3 +239,23 @@ def test_shared_prompts_give_the_same_logps_and_gradients(tiny_llama):
         ref = unpadded_reference(model, p, c)
         torch.testing.assert_close(values[0][b, : len(c)], ref, rtol=1e-7, atol=1e-7)
         assert values[0][b, len(c):].abs().sum() == 0
+
+
+def test_gradient_checkpointing_and_non_transformers_models_take_the_plain_path(tiny_llama):
+    """transformers drops the KV cache under gradient checkpointing, and a bare module has none."""
+    import copy
+
+    from gvpo.logprobs import caches_prompts
+
+    model = copy.deepcopy(tiny_llama)
+    assert caches_prompts(model) and not caches_prompts(_NoLogitsToKeep(model))
+    model.gradient_checkpointing_enable()
+    model.train()
+    assert not caches_prompts(model)
+    _, _, input_ids, attention_mask, completion_mask = make_group_batch()
+    out = completion_token_logps(model, input_ids, attention_mask, completion_mask)
+    with torch.no_grad():
+        expected = completion_token_logps(tiny_llama, input_ids, attention_mask, completion_mask, share_prompts=False)
+    torch.testing.assert_close(out.detach(), expected, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert model.model.embed_tokens.weight.grad.abs().sum() > 0

@@ -166,3 +166,20 @@ def test_a_hanging_reward_stops_the_run_with_a_clear_error(model_dir, tmp_path):
                                                                        "task.reward_timeout_s": 0.5}))
     with pytest.raises(TimeoutError, match="tiny.slow_reward"):
         train(config)
+
+
+def test_fused_adam_only_where_torch_supports_it_and_nothing_shards_it():
+    from types import SimpleNamespace
+
+    from accelerate import DistributedType
+
+    from gvpo.trainer import fused_adam_ok
+
+    plain = SimpleNamespace(distributed_type=DistributedType.NO)
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2, dtype=torch.float64))]
+    assert fused_adam_ok(params, plain)
+    assert fused_adam_ok(params, SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+    assert not fused_adam_ok(params, SimpleNamespace(distributed_type=DistributedType.FSDP))
+    assert not fused_adam_ok(params, SimpleNamespace(distributed_type=DistributedType.DEEPSPEED))
+    assert not fused_adam_ok([], plain)
+    assert not fused_adam_ok(params + [torch.zeros(2, dtype=torch.long)], plain)

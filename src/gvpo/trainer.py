@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
@@ -44,10 +44,13 @@ def run_dir_for(config: GVPOConfig) -> Path:
     return Path(config.output.dir) / name
 
 
-def fused_adam_ok(params) -> bool:
-    """torch's fused AdamW (one kernel for all tensors; the default single-tensor loop on CPU costs ~2x
-    the time) takes floating-point tensors on CPU or CUDA."""
-    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+def fused_adam_ok(params, accelerator: Accelerator) -> bool:
+    """Use torch's fused AdamW: one kernel for all tensors (the single-tensor loop torch uses on CPU took
+    3-4x as long, ``bench/README.md``). It needs floating-point tensors on CPU or CUDA; under FSDP and
+    DeepSpeed, which shard or replace the optimizer's parameters, the default stays."""
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    return bool(params) and not sharded and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
+                                                for p in params)
 
 
 def make_scheduler(optimizer, config: GVPOConfig):
@@ -85,7 +88,8 @@ def train(config: GVPOConfig, *, resume: str | Path | None = None) -> Path:
     objective = create_objective(cfg_obj)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.optim.lr, betas=(config.optim.adam_beta1, config.optim.adam_beta2),
-                                  weight_decay=config.optim.weight_decay, fused=fused_adam_ok(trainable) or None)
+                                  weight_decay=config.optim.weight_decay,
+                                  fused=fused_adam_ok(trainable, accelerator) or None)
     scheduler = make_scheduler(optimizer, config)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     engine = create_engine(config.rollout.engine, unwrap(policy), tokenizer, share_prompts=cfg_train.share_prompts,
