@@ -101,7 +101,8 @@ def build_math_task(
     splits: tuple[str, ...],
     question_column: str,
     answer_column: str,
-    template: str,
+    template: str | None,
+    default_template: str,
     chat: bool,
     system_prompt: str | None,
     path: Any,
@@ -114,7 +115,10 @@ def build_math_task(
     format_weight: float,
     answer_transform=None,
 ) -> Task:
-    """The shared builder behind ``gsm8k``/``math500``/``aime24``; usable for any question/answer data."""
+    """The shared builder behind ``gsm8k``/``math500``/``aime24``; usable for any question/answer data.
+    ``template=None`` means ``default_template``, or the chat template when ``chat``."""
+    if template is None:
+        template = CHAT_TEMPLATE if chat else default_template
     if "{question}" not in template:
         raise ValueError(f"template must contain '{{question}}', got {template!r}")
     sources = _split_sources(path, default_dir, splits)
@@ -207,26 +211,9 @@ def gsm8k(
     >>> task.test[0]["answer"], task.test[0]["prompt"].startswith("Question: Janet"), len(task.train)
     ('18', True, 1)
     """
-    if template is None:
-        template = CHAT_TEMPLATE if chat else GSM8K_TEMPLATE
-    return build_math_task(
-        "gsm8k",
-        default_dir="gsm8k",
-        splits=("train", "test"),
-        question_column=question_column,
-        answer_column=answer_column,
-        template=template,
-        chat=chat,
-        system_prompt=system_prompt,
-        path=path,
-        train_path=train_path,
-        test_path=test_path,
-        num_train=num_train,
-        num_test=num_test,
-        seed=seed,
-        max_new_tokens=max_new_tokens,
-        format_weight=format_weight,
-    )
+    options = dict(locals())  # the parameters above, passed on unchanged
+    return build_math_task("gsm8k", default_dir="gsm8k", splits=("train", "test"), default_template=GSM8K_TEMPLATE,
+                           **options)
 
 
 @TASKS.register("math500")
@@ -254,26 +241,9 @@ def math500(
     >>> task.test[0]["answer"], task.train, task.extra["eval_only"]
     ('\\\\left( 3, \\\\frac{\\\\pi}{2} \\\\right)', [], True)
     """
-    if template is None:
-        template = CHAT_TEMPLATE if chat else MATH_TEMPLATE
-    return build_math_task(
-        "math500",
-        default_dir="math500",
-        splits=("test",),
-        question_column=question_column,
-        answer_column=answer_column,
-        template=template,
-        chat=chat,
-        system_prompt=system_prompt,
-        path=path,
-        train_path=train_path,
-        test_path=test_path,
-        num_train=num_train,
-        num_test=num_test,
-        seed=seed,
-        max_new_tokens=max_new_tokens,
-        format_weight=format_weight,
-    )
+    options = dict(locals())  # the parameters above, passed on unchanged
+    return build_math_task("math500", default_dir="math500", splits=("test",), default_template=MATH_TEMPLATE,
+                           **options)
 
 
 def _strip_leading_zeros(answer: str) -> str:
@@ -306,24 +276,6 @@ def aime24(
     >>> len(task.test), task.test[0]["answer"], task.train
     (30, '204', [])
     """
-    if template is None:
-        template = CHAT_TEMPLATE if chat else MATH_TEMPLATE
-    return build_math_task(
-        "aime24",
-        default_dir="aime24",
-        splits=("test",),
-        question_column=question_column,
-        answer_column=answer_column,
-        template=template,
-        chat=chat,
-        system_prompt=system_prompt,
-        path=path,
-        train_path=train_path,
-        test_path=test_path,
-        num_train=num_train,
-        num_test=num_test,
-        seed=seed,
-        max_new_tokens=max_new_tokens,
-        format_weight=format_weight,
-        answer_transform=_strip_leading_zeros,
-    )
+    options = dict(locals())  # the parameters above, passed on unchanged
+    return build_math_task("aime24", default_dir="aime24", splits=("test",), default_template=MATH_TEMPLATE,
+                           answer_transform=_strip_leading_zeros, **options)
