@@ -33,6 +33,10 @@ split seed 0; deterministic, a second run gave the same numbers)::
       per-epoch mean step loss 0.245 0.223 0.142 0.128 0.095 ... 0.0026 0.0024 0.0015 0.0005 0.0009
                                0.0002 0.0007 0.0002 0.0006
       times: step 1 with reference log-probs 100 s, 0.9 s/step after, train 1188 s, scoring 26 s
+      (since then the reference log-probs of the 624 training completions are scored in chunks of similar
+       length with shared prompts: 6.0 s against 23.7 s for the former single padded batch, same
+       model, same run, idle machine, 1 thread: 3.9x; they agree to 1.4e-6. A 1-epoch run's step 1
+       now takes 6.6 s.)
 
     gsm8k (240 train groups, 124 with mixed correctness; 60 held out, 33 mixed; nothing skipped at
            400; 900 steps = 15 epochs)
