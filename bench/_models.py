@@ -1,5 +1,6 @@
 """Shared pieces of the benchmarks: models built from a config (no download), a character tokenizer,
-the float32 matmul roofline, peak RSS, and running one configuration in its own subprocess.
+the float32 matmul roofline, peak RSS, running one configuration in its own subprocess, and the run
+folder and figure handling of the sweeps.
 
 Models are Llamas shaped like the embedded arithmetic model (``scripts/make_default_model.py``:
 character tokenizer of 100 tokens, untied embeddings, MLP 4x hidden), randomly initialised:
@@ -215,3 +216,23 @@ def gib(n_bytes: float) -> float:
 if __name__ == "__main__":  # the matmul peak in a child: python _models.py --child '{"peak_n": 2048, "threads": 2}'
     spec = json.loads(sys.argv[sys.argv.index("--child") + 1])
     report({"flops": matmul_peak_flops(n=spec["peak_n"], threads=spec["threads"])})
+
+
+def runs_folder(out: Path, fresh: bool) -> Path:
+    """``out/runs``, created; emptied first when ``fresh`` (the sweeps reuse finished runs otherwise)."""
+    import shutil
+
+    runs_dir = Path(out) / "runs"
+    if fresh and runs_dir.exists():
+        shutil.rmtree(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    return runs_dir
+
+
+def save_figure(fig, path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import statistics
 import sys
 import time
@@ -41,6 +40,9 @@ from pathlib import Path
 
 from gvpo.compare import ACCURACY, RunResult, run_one
 from gvpo.config import load_config, parse_override
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _models  # noqa: E402
 
 REPLAY_44 = {"sampler.source": "replay", "sampler.replay_historical": 4}
 VARIANTS = {
@@ -211,19 +213,13 @@ def plot(results: dict[str, list[RunResult]], path: Path, target: float, title: 
         ax.set_ylabel("held-out accuracy (greedy)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _models.save_figure(fig, path, title)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = args.output_dir
-    runs_dir = out / "runs"
-    if args.fresh and runs_dir.exists():
-        shutil.rmtree(runs_dir)
-    runs_dir.mkdir(parents=True, exist_ok=True)
+    runs_dir = _models.runs_folder(out, args.fresh)
     shared = shared_overrides(args)
     jobs = []
     for seed in range(args.seeds):

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import statistics
 import sys
 import time
@@ -36,6 +35,9 @@ from pathlib import Path
 
 from gvpo.compare import ACCURACY, KL, RunResult, run_one
 from gvpo.config import load_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _models  # noqa: E402
 
 DEFAULT_LRS = "3e-5,1e-4,3e-4,1e-3,3e-3"
 QUICK_LRS = "3e-5,3e-4,3e-3"
@@ -175,19 +177,13 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.legend(fontsize=8)
     axes[1].set_yscale("symlog", linthresh=0.1)  # the KL estimate can be <= 0 on a short run
     axes[2].set_ylim(-0.05, 1.05)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _models.save_figure(fig, path, title)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = args.output_dir
-    runs_dir = out / "runs"
-    if args.fresh and runs_dir.exists():
-        shutil.rmtree(runs_dir)
-    runs_dir.mkdir(parents=True, exist_ok=True)
+    runs_dir = _models.runs_folder(out, args.fresh)
     shared = base_overrides(args)
     load_config(None, shared)  # fail on a bad override before the first run
     results = []
