@@ -88,9 +88,9 @@ def test_updates_per_batch_two_runs(model_dir, tmp_path):
     assert len(read_metrics(run / "metrics.jsonl")) == 5
 
 
-def _cli(args: list[str], **kwargs) -> subprocess.Popen:
+def _cli(args: list[str], env: dict | None = None, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "gvpo.cli", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kwargs)
 
@@ -131,13 +131,15 @@ def test_resume_after_sigkill_matches_uninterrupted_run(model_dir, tmp_path):
 
 
 def test_two_processes_match_one(model_dir, tmp_path):
-    """2 CPU processes (gloo) and 1 process, same global batch and seed: same parameters."""
+    """2 CPU processes (gloo) and 1 process, same global batch and seed: same parameters. GPUs are
+    hidden, so the test means the same on a machine with one GPU (two NCCL ranks cannot share it)."""
     f64 = {"train.max_steps": 3, "model.dtype": "float64"}
+    cpu_only = {"CUDA_VISIBLE_DEVICES": ""}
     args = _kv(overrides(model_dir, tmp_path, "one", **f64))
-    one = _cli(["train", *args])
+    one = _cli(["train", *args], env=cpu_only)
     assert one.wait(timeout=300) == 0, one.stdout.read()
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **cpu_only}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           "29533", "-m", "gvpo.cli", "train",
                           *_kv(overrides(model_dir, tmp_path, "two", **f64))],
