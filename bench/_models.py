@@ -16,6 +16,7 @@ preset    hidden  layers  heads  MLP   parameters
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -154,18 +155,24 @@ def child_env() -> dict:
     return env
 
 
-def add_common_options(parser) -> None:
+def parse_args(parser, argv, child):
+    """Parse a subprocess benchmark's arguments, adding the options every one of them has (``--json``,
+    ``--omp-wait-policy`` and the hidden ``--child SPEC``). In a child, run ``child(spec)`` and return
+    ``None``; otherwise work offline, set the children's OpenMP wait policy and return ``(args, policy)``."""
+    parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--omp-wait-policy", default="passive", choices=["passive", "active", "inherit"],
                         help="OMP_WAIT_POLICY of every run (both sides) and of the matmul peak: passive (default) = "
                              "idle OpenMP threads sleep, 8x faster steps with 2 threads on cores shared with other "
                              "jobs; active = spin (OpenMP's default); inherit = leave the environment as it is")
-
-
-def apply_common_options(args) -> str:
-    """Set the children's OpenMP wait policy from ``args``; returns it as text for the report."""
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(json.loads(args.child))
+        return None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     global OMP_WAIT_POLICY
     OMP_WAIT_POLICY = None if args.omp_wait_policy == "inherit" else args.omp_wait_policy.upper()
-    return OMP_WAIT_POLICY or os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP default)")
+    return args, OMP_WAIT_POLICY or os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP default)")
 
 
 def measure_peak(*, n: int = 2048, threads: int = 2) -> float:

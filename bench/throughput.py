@@ -140,16 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads in every run and the matmul peak (default 2)")
     p.add_argument("--peak-n", type=int, default=2048, help="matrix size of the matmul peak (default 2048)")
-    p.add_argument("--json", help="also write the results to this JSON file")
-    _models.add_common_options(p)
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.child:
-        child(json.loads(args.child))
+    parsed = _models.parse_args(p, argv, child)
+    if parsed is None:
         return 0
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.path.insert(0, str(_models.REPO / "src"))
-    omp = _models.apply_common_options(args)
+    args, omp = parsed
 
     peak_before = _models.measure_peak(n=args.peak_n, threads=args.threads)
     print(f"float32 matmul peak ({args.peak_n}^2, {args.threads} threads): {peak_before / 1e9:.0f} GFLOP/s; "

@@ -160,15 +160,10 @@ def main(argv: list[str] | None = None) -> int:
                         "default gradient checkpointing); default both")
     p.add_argument("--natural-eos", action="store_true",
                    help="let completions end at EOS (default: EOS unreachable, exactly --tokens tokens)")
-    p.add_argument("--json", help="also write the results to this JSON file")
-    _models.add_common_options(p)
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.child:
-        child(json.loads(args.child))
+    parsed = _models.parse_args(p, argv, child)
+    if parsed is None:
         return 0
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    omp = _models.apply_common_options(args)
+    args, omp = parsed
     import importlib.metadata as md
 
     sides = ["gvpo"] + [s.strip() for s in args.trl.split(",") if s.strip()]
