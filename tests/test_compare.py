@@ -93,18 +93,8 @@ def test_run_one_records_a_non_finite_run(model_dir, tmp_path, monkeypatch):
     assert again.error == result.error and again.rows == result.rows
 
 
-def _bench_module(name: str):
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_stability_bench_classifies_and_writes_its_table(model_dir, tmp_path):
-    stability = _bench_module("stability")
+    stability = tiny.load_script("bench/stability.py")
     ok = RunResult("gvpo", 0, "x", 1.0, None, _rows([0.40, 0.36], 0.5, 0.1))
     collapsed = RunResult("gvpo", 1, "x", 1.0, None, _rows([0.40, 0.30], 0.0, 5.0))
     diverged = RunResult("gvpo", 2, "x", 1.0, "non-finite: nan", _rows([0.40, 0.40], 0.0, 5.0))
@@ -133,7 +123,7 @@ def test_sample_efficiency_bench_counts_completions_to_the_target(model_dir, tmp
     Last three evaluations: on-policy 0.7833 and 0.8767, replay 0.8 and 0.9167, so the paired
     differences are +0.0167 and +0.04: no loss.
     """
-    se = _bench_module("sample_efficiency")
+    se = tiny.load_script("bench/sample_efficiency.py")
     runs = {"on-policy": [RunResult("on-policy", 0, "x", 1.0, None, _rows([0.2, 0.5, 0.95, 0.9], 0, 0)),
                           RunResult("on-policy", 1, "x", 1.0, None, _rows([0.2, 0.91, 0.8, 0.92], 0, 0))],
             "replay-4:4": [RunResult("replay-4:4", 0, "x", 1.0, None, _rows([0.2, 0.9, 0.7, 0.8], 0, 0)),

@@ -21,7 +21,6 @@ Skipped only when the shared data directory is absent ($GVPO_DATA_DIR or <repo>/
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -31,6 +30,8 @@ from gvpo.config import load_config
 from gvpo.metrics import read_metrics
 from gvpo.trainer import train
 
+import tiny
+
 REPO = Path(__file__).resolve().parent.parent
 RM8_SLICE = [0, 3, 4, 12, 15, 42, 57, 65]
 """rm8 line indices (0-based): the shortest groups with 8 distinct responses (see the module doc)."""
@@ -39,14 +40,7 @@ STEPS_RM8 = 40
 STEPS_GSM8K = 45
 
 
-def _builder():
-    spec = importlib.util.spec_from_file_location("build_offline_model", REPO / "scripts" / "build_offline_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bom = _builder()
+bom = tiny.load_script("scripts/build_offline_model.py")
 
 
 def shared_file(*parts: str) -> Path:

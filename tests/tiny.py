@@ -61,3 +61,14 @@ def slow_reward(prompts, completions, **_) -> list[float]:
 
     time.sleep(30)
     return [0.0] * len(completions)
+
+
+def load_script(relative: str):
+    """Import a repository script that is not a package module (``bench/...``, ``scripts/...``) by its path."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
