@@ -266,7 +266,7 @@ def load_groups(path: str | Path, preset: str | None, tokenizer=None, max_new_to
 def sequence_logps_of(model, tokenizer, groups: Sequence[Any], *, groups_per_batch: int = 2) -> list[torch.Tensor]:
     """Per group, the sequence log-prob of each completion (EOS included), batched as the trainer batches."""
     from gvpo.logprobs import completion_token_logps, sequence_logps
-    from gvpo.sampling import Group, build_batch
+    from gvpo.batch import Group, build_batch
 
     eos = tokenizer.eos_token_id
     out = []
@@ -275,8 +275,8 @@ def sequence_logps_of(model, tokenizer, groups: Sequence[Any], *, groups_per_bat
         chunk = groups[start : start + groups_per_batch]
         made = [Group(start + i, {"prompt": g.prompt},
                       [ids + [eos] for ids in tokenizer(list(g.completions), add_special_tokens=False)["input_ids"]],
-                      list(g.completions), ["offline"] * g.k) for i, g in enumerate(chunk)]
-        batch = build_batch(made, [list(g.rewards) for g in chunk], tokenizer, device)
+                      list(g.completions), ["offline"] * g.k, rewards=list(g.rewards)) for i, g in enumerate(chunk)]
+        batch = build_batch(made, tokenizer, device)
         seq = sequence_logps(completion_token_logps(model, batch.input_ids, batch.attention_mask,
                                                     batch.completion_mask), batch.completion_mask).double().cpu()
         offset = 0

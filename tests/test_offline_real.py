@@ -69,7 +69,7 @@ def train_on_slice(tmp: Path, data: Path, preset: str, select: list[int], *, max
         "optim.scheduler": "cosine", "optim.warmup_steps": 5, "train.max_steps": steps,
         "train.prompts_per_step": prompts_per_step, "train.eval_every": 0, "train.eval_n": 2,
         "train.checkpoint_every": 0, "output.dir": str(tmp), "output.name": "run", "output.progress": False,
-        "output.tensorboard": False, "output.plots": False})
+        "output.report_to": [], "output.plots": False})
     run = train(config)
     rows = read_metrics(run / "metrics.jsonl")
     from transformers import AutoTokenizer

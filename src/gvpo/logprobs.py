@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 
 DEFAULT_CHUNK_ROWS = 256
@@ -162,8 +163,8 @@ def caches_prompts(model: nn.Module) -> bool:
 
 
 def _base_model(model: nn.Module) -> nn.Module:
-    """The transformers model under DDP/FSDP (``.module``) and PEFT (``get_base_model``) wrappers."""
-    model = getattr(model, "module", model)
+    """The transformers model under DDP/FSDP (accelerate's unwrapping) and PEFT (``get_base_model``) wrappers."""
+    model = extract_model_from_parallel(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
