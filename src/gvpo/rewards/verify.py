@@ -10,7 +10,8 @@ Every check runs in a small pool of **worker processes** (``python -c`` children
 math-verify, never torch). A check that has not answered ``timeout`` seconds after it was handed to
 its worker scores 0.0: the parent kills that worker (SIGKILL) and starts a fresh one, so it works
 whoever calls the reward: the main thread, a trainer's thread, or a thread pool. (A worker's start,
-~1 s to import math-verify, is not part of any check's time.) Inside the worker,
+mostly importing math-verify, is not part of any check's time; it is measured in bench/README.md,
+section "math-verify workers".) Inside the worker,
 a SIGALRM at ~0.9 x ``timeout`` first tries to stop a check that is stuck in Python code, which
 saves the respawn; a check stuck inside one long C call (e.g. sympy on ``9^{9^{9^{9}}}``, which holds
 the GIL) is what the kill is for. math-verify's own signal timeouts are switched off in the worker
