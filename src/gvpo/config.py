@@ -35,7 +35,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Allow code from the model folder to run; off unless you trust the source."""
     gradient_checkpointing: bool = False
-    """Recompute activations in backward: about 12% less memory for 20-24% more time on CPU."""
+    """Recompute activations in backward: less memory for more time (measured in bench/README.md, section "Gradient checkpointing")."""
     lora: bool = False
     """Train LoRA adapters (peft) instead of all weights; the fixed reference is then the base model with adapters disabled, no second copy."""
     lora_r: int = 16

@@ -52,7 +52,8 @@ def run_dir_for(config: RunConfig) -> Path:
 
 
 def fused_adam_ok(params, accelerator: Accelerator) -> bool:
-    """Use torch's fused AdamW: one kernel for all tensors (faster on CPU, ``bench/README.md``). It needs
+    """Use torch's fused AdamW: one kernel for all tensors (faster on CPU: bench/README.md, section "Where the
+    time can go down", item 2). It needs
     floating-point tensors on CPU or CUDA; under FSDP and DeepSpeed, which shard or replace the optimizer's
     parameters, the default stays."""
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
