@@ -15,7 +15,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from ..logprobs import cache_argument, caches_prompts, prompt_cache, prompt_owners
-from . import Generation, SamplingParams, completion_mask_from_ids
+from .base import Generation, SamplingParams, completion_mask_from_ids
 
 
 class SeededGumbelNoise(LogitsProcessor):
