@@ -135,7 +135,7 @@ class OptimConfig:
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this; 0 = no clipping."""
     warmup_steps: int = 10
-    """Linear learning-rate warm-up steps."""
+    """Linear learning-rate warm-up, in optimizer steps."""
     scheduler: Literal["constant", "cosine", "linear"] = "constant"
     """Learning-rate schedule after warm-up."""
 
@@ -143,11 +143,13 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 40
-    """Optimizer steps (each: one batch of prompts x k completions)."""
+    """Rollout steps (each: one batch of prompts x k completions, then ``updates_per_batch x mini_batches`` optimizer steps)."""
     prompts_per_step: int = 16
     """B: prompts per step, across all processes."""
     updates_per_batch: int = 1
-    """Gradient steps on each generated batch (no importance weights needed, Corollary 3.2)."""
+    """Epochs over each generated batch (like verl's ppo_epochs): each epoch takes ``mini_batches`` optimizer steps; no importance weights needed (Corollary 3.2)."""
+    mini_batches: int = 1
+    """Optimizer steps per epoch over a generated batch, each on an equal share of whole groups, in order (the authors take 4, verl's ppo_mini_batch_size = prompts / 4). pi_old and the ``rollout`` reference stay the policy that generated the batch; the GVPO weights use the current parameters at each step. ``train.prompts_per_step`` must divide by mini_batches x processes."""
     micro_batch_size: int = 0
     """Completions per forward/backward; 0 = the whole batch. The update is the same for any value."""
     share_prompts: bool = True
@@ -285,7 +287,8 @@ def _set(config: RunConfig, key: str, value: Any) -> None:
 def validate(config: RunConfig) -> RunConfig:
     """Cross-field checks that a single field's type cannot express."""
     positive = {"rollout.k": config.rollout.k, "train.prompts_per_step": config.train.prompts_per_step,
-                "train.updates_per_batch": config.train.updates_per_batch}
+                "train.updates_per_batch": config.train.updates_per_batch,
+                "train.mini_batches": config.train.mini_batches}
     for key, v in positive.items():
         if v < 1:
             raise ConfigError(f"{key} must be >= 1, got {v}")
@@ -301,6 +304,9 @@ def validate(config: RunConfig) -> RunConfig:
         raise ConfigError(f"rollout.temperature must be > 0, got {config.rollout.temperature}")
     if config.train.max_steps < 0 or config.train.micro_batch_size < 0:
         raise ConfigError("train.max_steps and train.micro_batch_size must be >= 0")
+    if config.train.prompts_per_step % config.train.mini_batches:
+        raise ConfigError(f"train.prompts_per_step={config.train.prompts_per_step} must be divisible by "
+                          f"train.mini_batches={config.train.mini_batches} (each mini-batch holds whole groups)")
     for key, registry in (("objective.name", "objectives:OBJECTIVES"), ("sampler.source", "samplers:SAMPLERS")):
         _check_name(key, _get(config, key), registry)
     if config.sampler.source in ("offline", "mixture") and not config.sampler.offline_path:
