@@ -16,6 +16,7 @@ steps 2-4 see a policy that has moved: the weights differ from the centred rewar
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +139,49 @@ def test_prompts_must_divide_into_mini_batches(model_dir, tmp_path):
 
     with pytest.raises(ConfigError, match="train.mini_batches=3"):
         config(model_dir, tmp_path, "bad", **{"train.mini_batches": 3})
+
+
+
+def authors_micro_batch_loss(implicit, rewards, uid, rows, *, k, gradient_accumulation):
+    """The GVPO authors' loss on one micro-batch (github jszkc/GVPO: ``compute_policy_loss_gvpo`` in
+    ``gvpo_core_algos.py``, scaled in ``gvpo_dp_actor.py``), re-implemented as a float64 loop:
+    ``sum_{i in rows} 0.5 ((Rθ_i - mean_uid Rθ) - (R_i - mean_uid R))^2 / (n - 1)`` with the group means
+    over every rank's completions (their all-gather; the Rθ mean detached), times ``1 / gradient_accumulation``.
+    ``implicit`` = Rθ = beta (log pi - log pi_old)."""
+    loss = 0.0
+    for i in rows:
+        same = uid == uid[i]
+        residual = (implicit[i] - implicit[same].detach().mean()) - (rewards[i] - rewards[same].mean())
+        loss = loss + 0.5 * residual**2
+    return loss / (k - 1) / gradient_accumulation
+
+
+def test_authors_gradient_is_ours_times_micro_batch_over_k_so_the_recipe_clips_at_k_over_micro():
+    """Their gradient is ``micro_batch_per_gpu / k`` times ours, whatever the number of GPUs: a mini-batch
+    of G groups (G k completions) is split over W ranks into micro-batches of m completions, each loss
+    summed over its completions and scaled by 1/GA with GA = G k / (W m); FSDP averages over the W ranks,
+    so their loss is ``sum / (W GA) = (m / k) * sum / G`` while ours (Eq. 16) is ``sum / G``. Their
+    grad-norm clip of 1.0 is therefore ``k / m`` on our scale: 4 / 16 = 0.25 in the 7B recipe."""
+    import yaml
+
+    from gvpo import gvpo_loss
+
+    torch.manual_seed(0)
+    k, groups, ranks, micro = 4, 8, 2, 8
+    n = k * groups
+    gradient_accumulation = n // (ranks * micro)
+    logps = torch.randn(n, dtype=torch.float64, requires_grad=True)
+    old = logps.detach() + 0.3 * torch.randn(n, dtype=torch.float64)  # a policy that moved (steps 2-4)
+    rewards = torch.rand(n, dtype=torch.float64)
+    uid = torch.arange(groups).repeat_interleave(k)
+    implicit = BETA * (logps - old)
+    per_rank = n // ranks
+    rank_losses = [sum(authors_micro_batch_loss(implicit, rewards, uid, range(s, s + micro), k=k,
+                                                gradient_accumulation=gradient_accumulation)
+                       for s in range(r * per_rank, (r + 1) * per_rank, micro)) for r in range(ranks)]
+    their_grad = torch.autograd.grad(sum(rank_losses) / ranks, logps)[0]  # FSDP averages over ranks
+    our_grad = torch.autograd.grad(gvpo_loss(logps, old, rewards, uid, beta=BETA), logps)[0]
+    assert torch.allclose(their_grad, our_grad * micro / k, rtol=1e-12, atol=1e-15)
+
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "qwen2.5-math-7b-math.yaml").read_text())
+    assert recipe["optim"]["max_grad_norm"] == pytest.approx(1.0 * recipe["rollout"]["k"] / 16)
