@@ -11,7 +11,8 @@ sft      SFT, Eq. 1
 dpo      DPO on each group's best/worst pair, section 2.3
 ======== ==========================================================================================
 
-A dotted path ``my_pkg.module.factory`` works too: ``factory(config: ObjectiveConfig) -> Objective``.
+A dotted path ``my_pkg.module.factory`` works too: ``factory(config: ObjectiveConfig) -> Objective``
+(a factory with a keyword ``max_completion_length`` also gets the generation budget, see ``create_objective``).
 """
 
 import inspect
