@@ -115,11 +115,17 @@ class ObjectiveConfig:
     ref_sync_steps: int = 0
     """With a fixed reference: copy the policy into it every N steps; 0 = never."""
     clip_epsilon: float = 0.2
-    """GRPO: PPO ratio clipping epsilon."""
+    """GRPO: PPO ratio clipping epsilon (TRL's ``epsilon``): the ratio is clipped to [1 - clip_epsilon, 1 + epsilon_high]."""
+    epsilon_high: float | None = None
+    """GRPO: upper clipping epsilon (DAPO's clip-higher, which recommends 0.28); None = clip_epsilon, as in TRL."""
     kl_coef: float = 0.04
-    """GRPO: coefficient of the k3 KL penalty to the reference (0 = no reference model needed)."""
-    loss_aggregation: Literal["sequence_mean", "token_mean", "constant"] = "sequence_mean"
-    """GRPO: per-token loss aggregation: mean per sequence then over sequences (DeepSeekMath), mean over all tokens (DAPO), or sum / (N * max_new_tokens) (Dr.GRPO)."""
+    """GRPO: coefficient of the k3 KL penalty to the reference (TRL's ``beta``; 0 = no reference model needed)."""
+    use_bias_correction_kl: bool = True
+    """GRPO: multiply the k3 penalty by the importance ratio to pi_old, so its gradient is the unbiased reverse-KL gradient (TRL's default); false = plain k3."""
+    loss_aggregation: Literal["grpo", "dapo", "bnpo", "dr_grpo"] = "grpo"
+    """GRPO: per-token loss aggregation, TRL's ``loss_type``: grpo = mean per sequence then over sequences (DeepSeekMath); dapo = mean over the step's tokens (TRL's default); bnpo = token mean per process, averaged over processes; dr_grpo = token sum / (N * max_new_tokens), the generation budget."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """GRPO: advantages (R - group mean) divided by the group's reward std (group), the whole step's (batch), or not at all (none, Dr.GRPO); unbiased std + 1e-4, as in TRL."""
 
 
 @dataclass

@@ -122,7 +122,7 @@ def setup(config: RunConfig, *, resume: str | Path | None = None) -> Run:
 
     policy, tokenizer = load_policy(config.model, accelerator.device)
     reference = Reference(policy, config.model.lora) if cfg_obj.reference == "fixed" else None
-    objective = create_objective(cfg_obj)
+    objective = create_objective(cfg_obj, max_completion_length=max_new_tokens)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.optim.lr, betas=(config.optim.adam_beta1, config.optim.adam_beta2),
                                   weight_decay=config.optim.weight_decay,
