@@ -57,7 +57,6 @@ and the held-out loss rises above its value at pi_ref.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -71,15 +70,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
-
-def _load_builder():
-    spec = importlib.util.spec_from_file_location("build_offline_model", REPO / "scripts" / "build_offline_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import gvpo.offline_model as bom  # noqa: E402
 
 
-bom = _load_builder()
 RECIPES = {"qwen25_math_rm8": "qwen25-math-rm8-offline.yaml", "gsm8k_model_solutions": "gsm8k-solutions-offline.yaml"}
 
 

@@ -90,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def shared_overrides(args) -> dict:
     out = {"train.max_steps": args.steps, "train.eval_every": args.eval_every, "train.eval_n": args.eval_n,
            "train.checkpoint_every": 0, "train.keep_checkpoints": 1, "output.progress": False,
-           "output.tensorboard": False, "output.plots": False}
+           "output.report_to": [], "output.plots": False}
     out.update(dict(parse_override(o) for o in args.overrides))
     return out
 

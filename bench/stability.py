@@ -79,7 +79,7 @@ def base_overrides(args) -> dict:
     out = {"model.name_or_path": args.model, "task.name": args.task, "train.max_steps": args.steps,
            "train.prompts_per_step": args.prompts_per_step, "rollout.k": args.k, "train.eval_every": args.eval_every,
            "train.eval_n": args.eval_n, "train.checkpoint_every": 0, "train.keep_checkpoints": 1,
-           "output.progress": False, "output.tensorboard": False, "output.plots": False}
+           "output.progress": False, "output.report_to": [], "output.plots": False}
     out.update(dict(parse_override(o) for o in args.overrides))
     return out
 

@@ -40,7 +40,7 @@ def child(spec: dict) -> None:
     torch.set_num_threads(spec["threads"])
     from gvpo.config import load_config
     from gvpo.models import load_tokenizer, resolve_model_path
-    from gvpo.sampling import step_rows
+    from gvpo.samplers import step_rows
     from gvpo.tasks import get_task
     from gvpo.trainer import train
 
@@ -55,7 +55,7 @@ def child(spec: dict) -> None:
         "train.eval_every": 0, "train.eval_n": 1, "train.checkpoint_every": 0,
         "objective.name": spec["objective"], "objective.reference": spec["reference"],
         "output.dir": spec["out_dir"], "output.name": "run",
-        "output.tensorboard": False, "output.plots": False, "output.progress": False,
+        "output.report_to": [], "output.plots": False, "output.progress": False,
     }
     config = load_config(overrides=overrides)
     run_dir = train(config)

@@ -50,7 +50,7 @@ REFERENCE = {"1m": (250, 0.53), "34m": (17, 1.43)}
 
 def prompt_rows(steps: int, prompts: int, seed: int) -> list[dict]:
     """The rows gvpo trains on, step by step, in order (what TRL gets as an unshuffled dataset)."""
-    from gvpo.sampling import step_rows
+    from gvpo.samplers import step_rows
     from gvpo.tasks import get_task
 
     task = get_task("arithmetic")
@@ -71,7 +71,7 @@ def gvpo_child(spec: dict) -> dict:
         "train.prompts_per_step": spec["prompts"], "train.max_steps": spec["steps"], "train.seed": spec["seed"],
         "train.micro_batch_size": 0, "train.eval_every": 0, "train.eval_n": 1, "train.checkpoint_every": 0,
         "objective.name": "gvpo", "objective.beta": spec["beta"], "optim.lr": spec["lr"],
-        "output.dir": spec["out_dir"], "output.name": "gvpo", "output.tensorboard": False,
+        "output.dir": spec["out_dir"], "output.name": "gvpo", "output.report_to": [],
         "output.plots": False, "output.progress": False,
     })
     run_dir = train(config)

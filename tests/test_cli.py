@@ -8,15 +8,15 @@ import json
 import pytest
 
 from gvpo import cli
-from gvpo.config import GVPOConfig, field_docs
+from gvpo.config import RunConfig, field_docs
 
 
 def test_train_help_lists_every_field_with_its_doc(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
     out = capsys.readouterr().out
-    config = GVPOConfig()
-    for section in dataclasses.fields(GVPOConfig):
+    config = RunConfig()
+    for section in dataclasses.fields(RunConfig):
         obj = getattr(config, section.name)
         docs = field_docs(type(obj))
         for f in dataclasses.fields(obj):

@@ -25,7 +25,7 @@ def test_compare_cli_two_objectives(model_dir, tmp_path, capsys):
     args = ["compare", "--objectives", "gvpo,grpo", "--seeds", "1", "--output-dir", str(out), "--max-steps", "2",
             f"model.name_or_path={model_dir}", "task.name=tiny.tiny_add", "task.rewards=tiny.digit_reward",
             "train.prompts_per_step=2", "rollout.k=4", "train.eval_every=1", "train.eval_n=4",
-            "train.checkpoint_every=0", "output.progress=false", "output.tensorboard=false", "output.plots=false"]
+            "train.checkpoint_every=0", "output.progress=false", "output.report_to=[]", "output.plots=false"]
     assert cli.main(args) == 0
     for name in ("comparison.md", "comparison.png", "comparison.json"):
         assert (out / name).stat().st_size > 0

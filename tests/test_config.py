@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gvpo.config import ConfigError, GVPOConfig, load_config
+from gvpo.config import ConfigError, RunConfig, load_config
 
 
 @pytest.mark.parametrize("overrides, key", [
@@ -38,4 +38,4 @@ def test_boundary_values_are_accepted():
                                 "sampler.replay_historical=0", "sampler.replay_revisit=0", "train.max_steps=0"])
     assert (config.rollout.k, config.sampler.replay_historical, config.train.max_steps) == (2, 0, 0)
     assert load_config(None, ["sampler.source=replay", "sampler.replay_revisit=0.99"]).sampler.replay_revisit == 0.99
-    assert load_config(None, []) == GVPOConfig()
+    assert load_config(None, []) == RunConfig()

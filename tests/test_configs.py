@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gvpo.config import GVPOConfig, load_config
+from gvpo.config import RunConfig, load_config
 from gvpo.tasks import TASKS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -35,7 +35,7 @@ def test_recipe_loads_with_real_task_and_options(path):
 
 
 def test_arithmetic_default_is_the_defaults():
-    assert load_config(CONFIGS / "arithmetic-default.yaml") == GVPOConfig()
+    assert load_config(CONFIGS / "arithmetic-default.yaml") == RunConfig()
 
 
 @pytest.mark.parametrize("name", ["qwen2.5-math-1.5b-math.yaml", "qwen2.5-math-7b-math.yaml"])

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from gvpo.config import load_config
-from gvpo.grpo import GRPOObjective, grpo_advantages, grpo_token_loss, grpo_token_terms
+from gvpo.objectives.grpo import GRPOObjective, grpo_advantages, grpo_token_loss, grpo_token_terms
 from gvpo.metrics import read_metrics
 from gvpo.trainer import train
-from gvpo.update import Batch, create_objective
+from gvpo.batch import Batch
+from gvpo.objectives import create_objective
 
 import tiny
 from test_trainer import overrides as trainer_overrides

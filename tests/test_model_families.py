@@ -106,7 +106,7 @@ def run_overrides(path: Path, out: Path, name: str, **extra) -> dict:
     return {"model.name_or_path": str(path), "task.name": "tiny.tiny_add", "task.rewards": ["tiny.digit_reward"],
             "train.max_steps": 2, "train.prompts_per_step": 2, "rollout.k": 3, "rollout.max_new_tokens": 3,
             "output.dir": str(out), "output.name": name, "train.eval_every": 0, "train.eval_n": 1,
-            "train.checkpoint_every": 0, "output.progress": False, "output.tensorboard": False,
+            "train.checkpoint_every": 0, "output.progress": False, "output.report_to": [],
             "output.plots": False, "optim.lr": 1e-2, "optim.warmup_steps": 0, **extra}
 
 

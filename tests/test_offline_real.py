@@ -1,7 +1,7 @@
 """Offline GVPO on slices of the real rated files in shared/data (issue 4), end to end.
 
 Each test builds a byte-level BPE tokenizer and a tiny random-init Llama from the slice with
-``scripts/build_offline_model.py`` (in tmp, no download), trains through ``gvpo.trainer.train`` with
+``gvpo.offline_model`` (in tmp, no download), trains through ``gvpo.trainer.train`` with
 ``sampler.source: offline`` and the file's preset, and scores every training group with the final
 policy against the initial one (the fixed reference). GVPO's loss (Eq. 16) is an MSE between
 centred implicit rewards ``beta * log(pi/pi_ref)`` and centred actual rewards (Eq. 13), so on the
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+import gvpo.offline_model as bom
 from gvpo.config import load_config
 from gvpo.metrics import read_metrics
 from gvpo.trainer import train
@@ -40,7 +41,7 @@ STEPS_RM8 = 40
 STEPS_GSM8K = 45
 
 
-bom = tiny.load_script("scripts/build_offline_model.py")
+build_script = tiny.load_script("scripts/build_offline_model.py")  # its command line, tested below
 
 
 def shared_file(*parts: str) -> Path:
@@ -69,7 +70,7 @@ def train_on_slice(tmp: Path, data: Path, preset: str, select: list[int], *, max
         "optim.scheduler": "cosine", "optim.warmup_steps": 5, "train.max_steps": steps,
         "train.prompts_per_step": prompts_per_step, "train.eval_every": 0, "train.eval_n": 2,
         "train.checkpoint_every": 0, "output.dir": str(tmp), "output.name": "run", "output.progress": False,
-        "output.tensorboard": False, "output.plots": False})
+        "output.report_to": [], "output.plots": False})
     run = train(config)
     rows = read_metrics(run / "metrics.jsonl")
     from transformers import AutoTokenizer
@@ -113,8 +114,8 @@ def test_build_script_round_trips_and_reports_lengths(tmp_path):
     small = tmp_path / "rm8.jsonl"
     small.write_text("".join(data.read_text(encoding="utf-8").splitlines(keepends=True)[:3]), encoding="utf-8")
     out = tmp_path / "model"
-    assert bom.main(["--preset", "qwen25_math_rm8", "--data", str(small), "--out", str(out), "--vocab-size", "512",
-                     "--hidden", "32"]) == 0
+    assert build_script.main(["--preset", "qwen25_math_rm8", "--data", str(small), "--out", str(out),
+                              "--vocab-size", "512", "--hidden", "32"]) == 0
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(out)

@@ -12,9 +12,9 @@ import torch
 from gvpo.config import load_config
 from gvpo.data import DataError
 from gvpo.metrics import read_metrics
-from gvpo.offpolicy import ReplaySampler
+from gvpo.samplers import ReplaySampler
 from gvpo.rollout import SamplingParams
-from gvpo.sampling import Group
+from gvpo.batch import Group
 from gvpo.trainer import train
 
 import tiny
@@ -47,7 +47,7 @@ def test_replay_mixes_history_into_groups_and_generates_only_the_rest():
     params = SamplingParams(max_new_tokens=4)
     first = sampler.sample(rows(0, 2), step=0, params=params)
     assert engine.generated == 16 and all(g.sources == ["policy"] * 8 for g in first)
-    sampler.after_update(first, [[float(i) for i in range(8)]] * 2, step=0)
+    sampler.after_update([g.with_rewards([float(i) for i in range(8)]) for g in first], step=0)
 
     second = sampler.sample(rows(2, 2), step=1, params=params)  # same prompts p0, p1: history available
     assert engine.generated == 16 + 2 * 4
@@ -63,7 +63,7 @@ def test_replay_respects_max_age_and_capacity():
     sampler = ReplaySampler(engine, k=4, seed=0, capacity=1, max_age=1, historical=2, revisit=0.0)
     params = SamplingParams(max_new_tokens=4)
     g = sampler.sample(rows(0, 2), step=0, params=params)
-    sampler.after_update(g, [[1.0] * 4] * 2, step=0)
+    sampler.after_update([x.with_rewards([1.0] * 4) for x in g], step=0)
     assert list(sampler.buffer) == ["p1"]  # capacity 1: the older prompt was evicted
     assert sampler.sample(rows(0, 1), step=1, params=params)[0].sources == ["policy"] * 4  # p0 evicted
     assert sampler.sample([(5, {"prompt": "p1"})], step=1, params=params)[0].sources[:2] == ["replay"] * 2
@@ -75,7 +75,7 @@ def test_replay_revisits_buffered_prompts():
     sampler = ReplaySampler(engine, k=4, seed=0, capacity=10, max_age=5, historical=2, revisit=0.5)
     params = SamplingParams(max_new_tokens=4)
     g = sampler.sample([(0, {"prompt": "a"}), (1, {"prompt": "b"})], step=0, params=params)
-    sampler.after_update(g, [[1.0] * 4] * 2, step=0)
+    sampler.after_update([x.with_rewards([1.0] * 4) for x in g], step=0)
     nxt = sampler.sample([(2, {"prompt": "c"}), (3, {"prompt": "d"})], step=1, params=params)
     assert nxt[0].row["prompt"] in ("a", "b") and nxt[0].sources[:2] == ["replay"] * 2
     assert nxt[1].row["prompt"] == "d" and nxt[1].sources == ["policy"] * 4
@@ -140,8 +140,8 @@ def test_offline_reference_scores_in_length_chunks_equal_scoring_each_row_alone(
 
     from gvpo.data import OfflineGroup
     from gvpo.logprobs import completion_token_logps
-    from gvpo.offpolicy import OfflineSampler
-    from gvpo.sampling import build_batch
+    from gvpo.batch import build_batch
+    from gvpo.samplers import OfflineSampler
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).double().eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -154,7 +154,7 @@ def test_offline_reference_scores_in_length_chunks_equal_scoring_each_row_alone(
         assert table.shape == (9, max(len(c) for ids in sampler.ids for c in ids))
         for i, g in enumerate(groups):
             for j, ids in enumerate(sampler.ids[i]):
-                alone = build_batch([Group(0, {"prompt": g.prompt}, [ids], [""], ["offline"])], [[0.0]], tok, "cpu")
+                alone = build_batch([Group(0, {"prompt": g.prompt}, [ids], [""], ["offline"], rewards=[0.0])], tok, "cpu")
                 expected = completion_token_logps(model, *alone.rows(slice(None)))[0]
                 row = table[sampler.offsets[i] + j]
                 torch.testing.assert_close(row[: len(ids)], expected, rtol=1e-7, atol=1e-7)  # float64 model: float64 table
@@ -182,7 +182,7 @@ def test_bad_offline_file_fails_before_training(model_dir, tmp_path):
 
 def test_reference_sampling_draws_from_the_frozen_initial_policy(model_dir, tmp_path):
     from gvpo.rollout import SamplingParams as SP
-    from gvpo.sampling import PolicySampler
+    from gvpo.samplers import PolicySampler
 
     run = train(load_config(None, overrides(model_dir, tmp_path, "refs", **{"sampler.source": "reference"})))
     assert all(r["source/reference"] == 1.0 for r in read_metrics(run / "metrics.jsonl")[1:])

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gvpo.config import load_config
+from gvpo.config import ConfigError, load_config
 from gvpo.metrics import read_metrics
 from gvpo.trainer import train
 
@@ -32,7 +32,7 @@ def overrides(model_dir: Path, out: Path, name: str, **extra) -> dict:
     base = {"model.name_or_path": str(model_dir), "task.name": "tiny.tiny_add", "task.rewards": ["tiny.digit_reward"],
             "train.max_steps": 4, "train.prompts_per_step": 4, "rollout.k": 4, "output.dir": str(out),
             "output.name": name, "train.eval_every": 2, "train.eval_n": 8, "train.checkpoint_every": 2,
-            "output.progress": False, "output.tensorboard": False, "output.plots": False, "optim.lr": 1e-2}
+            "output.progress": False, "output.report_to": [], "output.plots": False, "optim.lr": 1e-2}
     base.update(extra)
     return base
 
@@ -156,7 +156,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(model_dir, 
     good = train(load_config(None, overrides(model_dir, tmp_path, "good", **{"train.max_steps": 2})))
     ckpt = good / "checkpoints" / "step-000002"
     before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
-    config = load_config(good / "config.yaml", {"train.max_steps": 4, "objective.name": "tiny.nan_scheme"})
+    config = load_config(good / "config.yaml", {"train.max_steps": 4, "objective.name": "tiny.nan_objective"})
     with pytest.raises(NonFiniteError, match="non-finite loss"):
         train(config, resume=good)
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
@@ -185,3 +185,36 @@ def test_fused_adam_only_where_torch_supports_it_and_nothing_shards_it():
     assert not fused_adam_ok(params, SimpleNamespace(distributed_type=DistributedType.DEEPSPEED))
     assert not fused_adam_ok([], plain)
     assert not fused_adam_ok(params + [torch.zeros(2, dtype=torch.long)], plain)
+
+
+def test_a_custom_objective_by_dotted_path_trains_like_the_builtin_it_reimplements(model_dir, tmp_path):
+    """``tiny.centred_nll`` (written as the README's custom objective) is Eq. 9 with centred rewards, the
+    built-in ``dr_grpo``: two steps of each from the same start give the same parameters."""
+    extra = {"train.max_steps": 2, "train.checkpoint_every": 0, "train.eval_every": 0}
+    custom = train(load_config(None, overrides(model_dir, tmp_path, "custom", **extra,
+                                               **{"objective.name": "tiny.centred_nll"})))
+    builtin = train(load_config(None, overrides(model_dir, tmp_path, "builtin", **extra,
+                                                **{"objective.name": "dr_grpo"})))
+    start = load_file(str(model_dir / "model.safetensors"))
+    moved = final_params(custom)
+    assert any(not torch.equal(moved[k], start[k]) for k in start)
+    assert_same_params(moved, final_params(builtin), atol=1e-7)
+
+
+def test_a_custom_sampler_by_dotted_path_feeds_the_trainer(model_dir, tmp_path):
+    """``tiny.answer_sampler`` gives each prompt its right answer once and k-1 wrong ones, so with the
+    exact-match reward every step's mean reward is exactly 1/k and every completion is tagged ``custom``."""
+    run = train(load_config(None, overrides(model_dir, tmp_path, "sampler", **{
+        "train.max_steps": 2, "train.checkpoint_every": 0, "sampler.source": "tiny.answer_sampler",
+        "task.rewards": ["exact_match"]})))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["reward_mean"] == pytest.approx(1 / 4) and r["source/custom"] == 1.0 for r in rows)
+    assert all(r["samples"] == 0 for r in rows)  # nothing was generated
+
+
+def test_unknown_objective_and_sampler_names_are_refused_with_the_choices():
+    with pytest.raises(ConfigError, match="objective.name: 'gvp0' is not valid; choose one of dpo, dr_grpo"):
+        load_config(None, ["objective.name=gvp0"])
+    with pytest.raises(ConfigError, match="sampler.source: 'replya' is not valid"):
+        load_config(None, ["sampler.source=replya"])

@@ -103,9 +103,83 @@ def digit_reward(prompts, completions, **_) -> list[float]:
     return [sum(ch.isdigit() for ch in c[:3]) / 3 for c in completions]
 
 
-def nan_scheme(logps, ref_logps, rewards, group_ids, *, beta):
-    """A broken weight scheme (for tests): NaN weights, so the loss is not finite."""
-    return torch.full_like(rewards, float("nan"))
+class NanObjective:
+    """A broken objective (for tests): its loss is NaN."""
+
+    name = "nan"
+
+    def prepare(self, batch, token_logps):
+        from gvpo.batch import Prepared
+
+        return Prepared(norm=1.0, loss_sum=0.0)
+
+    def micro_loss(self, token_logps, batch, rows, prepared):
+        return token_logps.sum() * float("nan")
+
+
+def nan_objective(config) -> NanObjective:
+    return NanObjective()
+
+
+class CentredRewardNLL:
+    """A custom objective written as a user would (README): ``-1/G sum_i (R_i - mean_g R) log pi(y_i|x)``,
+    which is what the built-in ``dr_grpo`` computes (Eq. 9 with centred rewards)."""
+
+    name = "centred_nll"
+
+    def prepare(self, batch, token_logps):
+        from gvpo.batch import Prepared
+        from gvpo.groups import center, dense_index
+        from gvpo.logprobs import sequence_logps
+
+        index, groups = dense_index(batch.group_ids)
+        coef = center(batch.rewards.double(), index, groups)
+        logps = sequence_logps(token_logps, batch.completion_mask).double()
+        return Prepared(norm=float(groups), loss_sum=float(-(coef * logps).sum()), coef=coef.float())
+
+    def micro_loss(self, token_logps, batch, rows, prepared):
+        from gvpo.logprobs import sequence_logps
+
+        return -(prepared.coef[rows] * sequence_logps(token_logps, batch.completion_mask[rows])).sum()
+
+
+def centred_nll(config) -> CentredRewardNLL:
+    return CentredRewardNLL()
+
+
+class AnswerSampler:
+    """A custom sampler (for tests): each group is the row's right answer once and ``k - 1`` wrong ones,
+    tagged ``custom``; it never generates."""
+
+    def __init__(self, tokenizer, k):
+        self.tokenizer, self.k = tokenizer, k
+
+    def sample(self, rows, step, params):
+        from gvpo.batch import Group
+
+        groups = []
+        for pos, row in rows:
+            texts = [f" {row['answer']}"] + [f" {int(row['answer']) + j}" for j in range(1, self.k)]
+            ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+                   for t in texts]
+            groups.append(Group(pos, row, ids, texts, ["custom"] * self.k))
+        return groups
+
+    def reference_token_logps(self, groups, batch, reference, micro_batch_size):
+        return None
+
+    def after_update(self, groups, step):
+        pass
+
+    def state(self):
+        return {}
+
+    def load_state(self, state):
+        pass
+
+
+def answer_sampler(spec, *, engine, reference, tokenizer, k, seed, max_new_tokens, cache_dir) -> AnswerSampler:
+    return AnswerSampler(tokenizer, k)
 
 
 def slow_reward(prompts, completions, **_) -> list[float]:

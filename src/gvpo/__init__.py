@@ -16,14 +16,14 @@ def __getattr__(name):  # the trainer pulls in transformers/accelerate: import i
         from .trainer import train
 
         return train
-    if name in ("GVPOConfig", "load_config"):
+    if name in ("RunConfig", "load_config"):
         from . import config
 
         return getattr(config, name)
     raise AttributeError(f"module 'gvpo' has no attribute {name!r}")
 
 __all__ = [
-    "GVPOConfig",
+    "RunConfig",
     "load_config",
     "train",
     "WEIGHT_SCHEMES",

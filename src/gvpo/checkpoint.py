@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import extract_model_from_parallel
 from safetensors.torch import load_file, save_file
-
-from .models import unwrap
 
 
 def rng_state() -> dict:
@@ -36,7 +35,7 @@ def set_rng_state(state: dict) -> None:
 
 def trainable_state(model: torch.nn.Module) -> dict:
     """Parameters that train (all weights, or only LoRA adapters), contiguous for safetensors."""
-    model = unwrap(model)
+    model = extract_model_from_parallel(model)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     return {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items() if n in names}
 
@@ -79,7 +78,7 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 
 def load_checkpoint(path: Path, *, model, optimizer, scheduler, reference_model=None) -> tuple[dict, dict]:
     """Restore everything saved by ``save_checkpoint``; returns (trainer_state, sampler_state)."""
-    unwrap(model).load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+    extract_model_from_parallel(model).load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
     if reference_model is not None and (path / "reference.safetensors").exists():
         reference_model.load_state_dict(load_file(str(path / "reference.safetensors")))
     state = torch.load(path / "state.pt", weights_only=True)

@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-# Idle OpenMP threads spin by default; on a busy CPU that made steps ~8x slower (bench/README.md).
+# Idle OpenMP threads spin by default, which slows steps a lot on a busy CPU: measured in bench/README.md,
+# section "OpenMP's default spinning on shared cores".
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .config import ConfigError, describe, load_config

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, GVPOConfig, load_config
+from .config import ConfigError, RunConfig, load_config
 from .metrics import read_metrics
 
 __all__ = ["RunResult", "compare", "plot_comparison", "run_one", "summarize", "write_table"]
@@ -83,7 +83,7 @@ def _folder_name(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", label)
 
 
-def run_one(config: GVPOConfig, label: str, run_dir: Path) -> RunResult:
+def run_one(config: RunConfig, label: str, run_dir: Path) -> RunResult:
     """Train ``config`` into ``run_dir``; a ``NonFiniteError`` is recorded, not raised.
 
     Reuses ``run_dir`` when its ``compare_run.json`` says it already finished (or diverged).

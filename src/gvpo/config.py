@@ -37,7 +37,7 @@ class ModelConfig:
     disable_dropout: bool = True
     """Set every dropout rate of the policy and reference to 0 (as TRL does); false = keep the model's dropout in the gradient forward only, while all log-probs (statistics, pi_old, reference) are computed without it."""
     gradient_checkpointing: bool = False
-    """Recompute activations in backward: about 12% less memory for 20-24% more time on CPU."""
+    """Recompute activations in backward: less memory for more time (measured in bench/README.md, section "Gradient checkpointing")."""
     lora: bool = False
     """Train LoRA adapters (peft) instead of all weights; the fixed reference is then the base model with adapters disabled, no second copy."""
     lora_r: int = 16
@@ -84,8 +84,8 @@ class RolloutConfig:
 
 @dataclass
 class SamplerConfig:
-    source: Literal["policy", "reference", "replay", "offline", "mixture"] = "policy"
-    """Sampling distribution pi_s of each group (Corollary 3.2): on-policy, the fixed reference, a replay buffer, an offline dataset, or a mixture."""
+    source: str = "policy"
+    """Sampling distribution pi_s of each group (Corollary 3.2): policy (on-policy), reference (the fixed reference), replay (a replay buffer), offline (a rated dataset), mixture (offline + policy), or a dotted path to a sampler factory (see ``gvpo.samplers.base``)."""
     replay_capacity: int = 256
     """Replay: groups kept in the buffer."""
     replay_max_age: int = 8
@@ -109,7 +109,7 @@ class SamplerConfig:
 @dataclass
 class ObjectiveConfig:
     name: str = "gvpo"
-    """Objective: gvpo, grpo, dr_grpo, rs, sft, dpo (or a dotted path to a weight scheme)."""
+    """Objective: gvpo; grpo (PPO-clipped, as TRL/DeepSeekMath run it); the paper's Eq. 9 family members dr_grpo (centred rewards, sequence-level: not the Dr. GRPO recipe), rs, sft, dpo; or a dotted path to an objective factory (see ``gvpo.objectives.base``)."""
     beta: float = 0.1
     """KL strength beta of Eq. 5; implicit reward = beta * log(pi_theta / pi_ref)."""
     reference: Literal["fixed", "rollout"] = "fixed"
@@ -172,8 +172,8 @@ class OutputConfig:
     """Parent folder of run folders."""
     name: str = ""
     """Run folder name under ``dir``; empty = ``<task>-<objective>-<date>-<time>``."""
-    tensorboard: bool = True
-    """Write TensorBoard events."""
+    report_to: list = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers, through accelerate: any of tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, trackio (each needs its package; set its offline mode, e.g. ``WANDB_MODE=offline``, without a network); ``[]`` or ``none`` = only ``metrics.jsonl``."""
     plots: bool = True
     """Write ``plots.png`` (reward, accuracy, KL, implicit/actual reward correlation)."""
     progress: bool = True
@@ -181,7 +181,7 @@ class OutputConfig:
 
 
 @dataclass
-class GVPOConfig:
+class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -262,9 +262,9 @@ def _unknown(key: str, valid: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}{hint}; valid keys here: {', '.join(valid)}")
 
 
-def _set(config: GVPOConfig, key: str, value: Any) -> None:
+def _set(config: RunConfig, key: str, value: Any) -> None:
     parts = key.split(".")
-    sections = [f.name for f in dataclasses.fields(GVPOConfig)]
+    sections = [f.name for f in dataclasses.fields(RunConfig)]
     if parts[0] not in sections:
         raise _unknown(key, sections)
     section = getattr(config, parts[0])
@@ -284,7 +284,7 @@ def _set(config: GVPOConfig, key: str, value: Any) -> None:
     setattr(section, parts[1], _coerce(key, value, tp))
 
 
-def validate(config: GVPOConfig) -> GVPOConfig:
+def validate(config: RunConfig) -> RunConfig:
     """Cross-field checks that a single field's type cannot express."""
     positive = {"rollout.k": config.rollout.k, "train.prompts_per_step": config.train.prompts_per_step,
                 "train.updates_per_batch": config.train.updates_per_batch}
@@ -303,6 +303,8 @@ def validate(config: GVPOConfig) -> GVPOConfig:
         raise ConfigError(f"rollout.temperature must be > 0, got {config.rollout.temperature}")
     if config.train.max_steps < 0 or config.train.micro_batch_size < 0:
         raise ConfigError("train.max_steps and train.micro_batch_size must be >= 0")
+    for key, registry in (("objective.name", "objectives:OBJECTIVES"), ("sampler.source", "samplers:SAMPLERS")):
+        _check_name(key, _get(config, key), registry)
     if config.sampler.source in ("offline", "mixture") and not config.sampler.offline_path:
         raise ConfigError(f"sampler.offline_path is required with sampler.source={config.sampler.source}")
     if config.sampler.source == "replay" and not 0 <= config.sampler.replay_historical < config.rollout.k:
@@ -314,6 +316,22 @@ def validate(config: GVPOConfig) -> GVPOConfig:
         raise ConfigError(f"task.reward_weights has {len(config.task.reward_weights)} values for "
                           f"{len(config.task.rewards)} task.rewards")
     return config
+
+
+def _get(config: RunConfig, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def _check_name(key: str, name: str, registry: str) -> None:
+    """A registered name or a dotted path (imported when the run starts); else list the choices."""
+    import importlib
+
+    module, attr = registry.split(":")
+    names = getattr(importlib.import_module(f"gvpo.{module}"), attr).names()
+    if name not in names and "." not in name and ":" not in name:
+        raise ConfigError(f"{key}: {name!r} is not valid; choose one of {', '.join(names)}, or a dotted path "
+                          "like 'my_pkg.module.factory'")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -328,9 +346,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> GVPOConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
     """Defaults, then the YAML file at ``path`` (if any), then ``overrides`` (``key=value`` strings or a dict)."""
-    config = GVPOConfig()
+    config = RunConfig()
     if path:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
@@ -344,11 +362,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     return validate(config)
 
 
-def to_dict(config: GVPOConfig) -> dict:
+def to_dict(config: RunConfig) -> dict:
     return dataclasses.asdict(config)
 
 
-def save_config(config: GVPOConfig, path: str | Path) -> None:
+def save_config(config: RunConfig, path: str | Path) -> None:
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(to_dict(config), f, sort_keys=False)
 
@@ -356,8 +374,8 @@ def save_config(config: GVPOConfig, path: str | Path) -> None:
 def describe() -> str:
     """Every config key with its type, default and doc, for ``--help``."""
     lines = []
-    defaults = GVPOConfig()
-    for section in dataclasses.fields(GVPOConfig):
+    defaults = RunConfig()
+    for section in dataclasses.fields(RunConfig):
         obj = getattr(defaults, section.name)
         docs = field_docs(type(obj))
         hints = typing.get_type_hints(type(obj))

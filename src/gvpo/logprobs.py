@@ -1,7 +1,7 @@
 """Token and sequence log-probs of completions under a causal LM.
 
 The naive ``logits.log_softmax(-1).gather(-1, labels)`` materialises a full ``(B, T, V)`` float32
-copy of the logits (2.5 GB at V=152k, T=1024, B=4). Here each row's log-prob is
+copy of the logits (B x T x V x 4 bytes: 2.5 GB at V=152k, T=1024, B=4). Here each row's log-prob is
 ``logit[label] - logsumexp(logits)``, computed over chunks of rows, so the extra memory is one
 chunk (``chunk_rows x V``) whatever the batch; bf16 logits are upcast one chunk at a time.
 
@@ -15,6 +15,7 @@ import contextlib
 import inspect
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 
 from .models import has_dropout
@@ -213,8 +214,8 @@ def caches_prompts(model: nn.Module) -> bool:
 
 
 def _base_model(model: nn.Module) -> nn.Module:
-    """The transformers model under DDP/FSDP (``.module``) and PEFT (``get_base_model``) wrappers."""
-    model = getattr(model, "module", model)
+    """The transformers model under DDP/FSDP (accelerate's unwrapping) and PEFT (``get_base_model``) wrappers."""
+    model = extract_model_from_parallel(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 

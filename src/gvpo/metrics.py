@@ -1,4 +1,5 @@
-"""Where metrics go: ``metrics.jsonl`` (one JSON object per line, flushed), TensorBoard, ``plots.png``."""
+"""Where metrics go: ``metrics.jsonl`` (one JSON object per line, flushed), the experiment trackers of
+``output.report_to`` (through accelerate: TensorBoard, Weights & Biases, MLflow, ...), ``plots.png``."""
 
 from __future__ import annotations
 
@@ -30,15 +31,11 @@ def within_group_correlation(implicit: Tensor, rewards: Tensor, group_ids: Tenso
 
 
 class MetricsLog:
-    """Appends rows to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+    """Appends rows to ``metrics.jsonl`` and sends their numbers to the accelerator's trackers."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, accelerator=None):
         self.path = run_dir / "metrics.jsonl"
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.accelerator = accelerator
 
     def truncate_after(self, step: int) -> None:
         """Drop rows logged after ``step`` (they are recomputed when a run resumes from that step)."""
@@ -55,15 +52,9 @@ class MetricsLog:
         row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        if self.writer is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, global_step=row["step"])
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self.accelerator is not None:
+            numbers = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+            self.accelerator.log(numbers, step=row["step"])
 
 
 def read_metrics(path: Path) -> list[dict]:

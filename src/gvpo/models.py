@@ -7,6 +7,7 @@ import copy
 from pathlib import Path
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
@@ -162,7 +163,7 @@ class Reference:
         if self.lora:
             raise ValueError("objective.ref_sync_steps needs a full-weight policy; with model.lora the "
                              "reference is the base model and cannot move")
-        self.model.load_state_dict(unwrap(policy).state_dict())
+        self.model.load_state_dict(extract_model_from_parallel(policy).state_dict())
 
     def state_dict(self) -> dict:
         return {} if self.lora else self.model.state_dict()
@@ -170,7 +171,7 @@ class Reference:
 
 @contextlib.contextmanager
 def _adapters_off(policy):
-    with unwrap(policy).disable_adapter():
+    with extract_model_from_parallel(policy).disable_adapter():
         yield policy
 
 
@@ -181,14 +182,9 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DDP/accelerate wrapper."""
-    return getattr(model, "module", model)
-
-
 def save_pretrained(model: torch.nn.Module, tokenizer, path: Path) -> None:
     """Save a folder loadable by plain ``AutoModelForCausalLM.from_pretrained`` (LoRA merged)."""
-    model = unwrap(model)
+    model = extract_model_from_parallel(model)
     if hasattr(model, "merge_and_unload"):
         model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(path, safe_serialization=True)

@@ -27,6 +27,7 @@ from gvpo.rewards.math import (
     last_boxed,
     make_math_reward,
     math_reward,
+    score_completions,
 )
 
 PATHOLOGICAL = r"9^{9^{9^{9}}}"
@@ -129,6 +130,28 @@ def test_none_empty_and_chat_completions():
     assert math_reward(prompts, completions, answer=golds) == [None, 0.0, 0.0, 1.0, None, 1.0, 0.0]
     with pytest.raises(ValueError):
         math_reward(["Q"], ["1", "2"], answer=["1"])
+
+
+def test_the_verifier_only_sees_extracted_gold_and_prediction():
+    """Extraction is the reward's job (gvpo.rewards.math), checking is the verifier's: the verifier is
+    handed the extracted (gold, prediction) strings, once per completion that has both, in order."""
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def check(self, golds, preds):
+            self.calls.append((list(golds), list(preds)))
+            return [1.0 if g == p else 0.0 for g, p in zip(golds, preds)]
+
+    rec = Recorder()
+    completions = [r"so \boxed{\frac{1}{2}}.", "no answer", None, "#### 1,234", "it is 7", r"\boxed{3}"]
+    golds = [r"\frac{1}{2}", "5", "5", "Natalia ... #### 1234", r"$\boxed{8}$", None]
+    assert score_completions(rec, completions, golds) == [1.0, 0.0, None, 1.0, 0.0, None]
+    assert rec.calls == [([r"\frac{1}{2}", "1234", "8"], [r"\frac{1}{2}", "1234", "7"])]
+    assert score_completions(rec, [None, "x"], ["1", None]) == [None, None] and len(rec.calls) == 1  # nothing to check
+    with pytest.raises(ValueError, match="2 completions for 1 gold answers"):
+        score_completions(rec, ["1", "2"], ["1"])
 
 
 def test_equivalent_forms_verify():

@@ -75,7 +75,7 @@ def test_trainer_with_vllm_engine_keeps_vllm_weights_equal_to_the_policy(monkeyp
         "rollout.engine": "vllm", "rollout.vllm_gpu_memory_utilization": 0.2, "rollout.k": 2,
         "train.max_steps": 3, "train.prompts_per_step": 2, "train.eval_every": 0, "train.eval_n": 2,
         "train.checkpoint_every": 0, "optim.lr": 5e-2, "output.dir": str(tmp_path), "output.name": "v",
-        "output.progress": False, "output.tensorboard": False, "output.plots": False,
+        "output.progress": False, "output.report_to": [], "output.plots": False,
         "model.lora": lora, "model.lora_r": 4, "model.lora_alpha": 8})
     run = train(config)
     assert len(HFBackedLLM.instances) == 1  # one engine for the whole run

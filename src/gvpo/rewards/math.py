@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from . import REWARDS
@@ -173,6 +174,36 @@ def completion_text(completion: Any) -> str | None:
 # Rewards.
 # ----------------------------------------------------------------------------------------------
 
+
+def score_completions(verifier: MathVerifier, completions: Sequence[Any], answers: Sequence[Any]) -> list[float | None]:
+    """The ``math`` reward's scores: extract both answers here, let ``verifier`` check the pairs.
+
+    ``None`` for a ``None`` completion or a missing gold, 0.0 for a completion with no final answer
+    (math-verify is not asked), else :meth:`MathVerifier.check` of (gold, extracted answer).
+
+    >>> score_completions(MathVerifier(workers=0), ["#### 4", "no answer", None, "4"], ["4", "4", "4", None])
+    [1.0, 0.0, None, None]
+    """
+    if len(completions) != len(answers):
+        raise ValueError(f"{len(completions)} completions for {len(answers)} gold answers")
+    out: list[float | None] = [None] * len(completions)
+    pairs, where = [], []
+    for i, (c, a) in enumerate(zip(completions, answers)):
+        gold = gold_answer(a)
+        if c is None or gold is None:
+            continue
+        pred = extract_answer(c)
+        if pred is None:
+            out[i] = 0.0
+            continue
+        pairs.append((gold, pred))
+        where.append(i)
+    if pairs:
+        for i, v in zip(where, verifier.check([g for g, _ in pairs], [p for _, p in pairs])):
+            out[i] = v
+    return out
+
+
 _default: MathVerifier | None = None
 _default_lock = threading.Lock()
 
@@ -196,7 +227,7 @@ def make_math_reward(verifier: MathVerifier | None = None, **verifier_options):
 
     def math_reward(prompts, completions, answer, **_) -> list[float | None]:
         """1.0 if the completion's final answer equals the gold ``answer`` (math-verify), else 0.0."""
-        return v.score(completions, answer)
+        return score_completions(v, completions, answer)
 
     math_reward.verifier = v  # type: ignore[attr-defined]
     return math_reward
@@ -211,7 +242,7 @@ def math_reward(prompts, completions, answer, **_) -> list[float | None]:
     >>> math_reward(["Q"] * 3, [r"so \\boxed{0.5}", "#### 1,000", None], answer=[r"\\frac{1}{2}", "... #### 1000", "3"])
     [1.0, 1.0, None]
     """
-    return default_verifier().score(completions, answer)
+    return score_completions(default_verifier(), completions, answer)
 
 
 def has_final_answer(text: Any) -> bool:

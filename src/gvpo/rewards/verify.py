@@ -1,7 +1,8 @@
 """math-verify with a hard per-check timeout, from any thread: :class:`MathVerifier` and its worker pool.
 
-The ``math`` reward (:mod:`gvpo.rewards.math`) extracts the answers; this module decides whether two
-extracted answers are equal (``math_verify.parse`` + ``math_verify.verify``) without ever hanging.
+The ``math`` reward (:mod:`gvpo.rewards.math`) extracts the answers; this module only decides whether
+two extracted answers (gold, prediction) are equal (``math_verify.parse`` + ``math_verify.verify``)
+without ever hanging. It imports nothing from ``gvpo``.
 
 Timeouts
 --------
@@ -9,7 +10,8 @@ Every check runs in a small pool of **worker processes** (``python -c`` children
 math-verify, never torch). A check that has not answered ``timeout`` seconds after it was handed to
 its worker scores 0.0: the parent kills that worker (SIGKILL) and starts a fresh one, so it works
 whoever calls the reward: the main thread, a trainer's thread, or a thread pool. (A worker's start,
-~1 s to import math-verify, is not part of any check's time.) Inside the worker,
+mostly importing math-verify, is not part of any check's time; it is measured in bench/README.md,
+section "math-verify workers".) Inside the worker,
 a SIGALRM at ~0.9 x ``timeout`` first tries to stop a check that is stuck in Python code, which
 saves the respawn; a check stuck inside one long C call (e.g. sympy on ``9^{9^{9^{9}}}``, which holds
 the GIL) is what the kill is for. math-verify's own signal timeouts are switched off in the worker
@@ -42,7 +44,6 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
 
 logger = logging.getLogger("gvpo.rewards.math")  # the math reward's warnings, under the name users know
 
@@ -253,29 +254,6 @@ class MathVerifier:
                     if len(self._cache) > self.cache_size:
                         self._cache.popitem(last=False)
             return results  # type: ignore[return-value]
-
-    def score(self, completions: Sequence[Any], answers: Sequence[Any]) -> list[float | None]:
-        """The ``math`` reward: ``None`` for a ``None`` completion or a missing gold, 0.0 for no answer."""
-        from .math import extract_answer, gold_answer  # here, not at the top: a worker loads this file alone
-
-        if len(completions) != len(answers):
-            raise ValueError(f"{len(completions)} completions for {len(answers)} gold answers")
-        out: list[float | None] = [None] * len(completions)
-        pairs, where = [], []
-        for i, (c, a) in enumerate(zip(completions, answers)):
-            gold = gold_answer(a)
-            if c is None or gold is None:
-                continue
-            pred = extract_answer(c)
-            if pred is None:
-                out[i] = 0.0
-                continue
-            pairs.append((gold, pred))
-            where.append(i)
-        if pairs:
-            for i, v in zip(where, self.check([g for g, _ in pairs], [p for _, p in pairs])):
-                out[i] = v
-        return out
 
     def close(self) -> None:
         """Stop the worker processes (a later call starts new ones)."""

@@ -15,7 +15,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from ..logprobs import cache_argument, caches_prompts, prompt_cache, prompt_owners
-from . import Generation, SamplingParams, completion_mask_from_ids
+from .base import Generation, SamplingParams, completion_mask_from_ids
 
 
 class SeededGumbelNoise(LogitsProcessor):
@@ -24,8 +24,8 @@ class SeededGumbelNoise(LogitsProcessor):
     Row ``i``'s uniforms are ``torch.rand(vocab, generator=generators[i])``, drawn straight into one
     reused ``(rows, vocab)`` buffer and turned into Gumbel noise in place (the same operations in the
     same order as ``-log(-log(u))``, so the samples are bit-identical to drawing each row separately).
-    At a 152k vocabulary and 32 rows that is 1.6-2.7x less time per token than stacking separate draws
-    (41-45 ms against 65-130 ms on one loaded CPU core, ``bench/README.md``).
+    At a 152k vocabulary and 32 rows that takes less time per token than stacking separate draws:
+    measured in bench/README.md, section "Where the time can go down", item 4 (``SeededGumbelNoise``).
     """
 
     def __init__(self, seeds: list[int]):

@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import Generation, SamplingParams, completion_mask_from_ids
+from .base import Generation, SamplingParams, completion_mask_from_ids
 
 INSTALL_HINT = "vLLM is not installed: `pip install 'gvpo[vllm]'` (needs a CUDA GPU) or set rollout.engine=hf"
 

@@ -48,8 +48,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .objectives import dr_grpo_scheme, grpo_scheme
-from .update import Batch, Prepared
+from ..batch import Batch, Prepared
+from .base import OBJECTIVES
+from .functional import dr_grpo_scheme, grpo_scheme
 
 __all__ = [
     "AGGREGATIONS",
@@ -205,7 +206,7 @@ def grpo_token_loss(token_logps: Tensor, old_token_logps: Tensor, ref_token_logp
 
 @dataclass
 class GRPOPrepared(Prepared):
-    """:class:`gvpo.update.Prepared` plus the per-row scales of the aggregation; ``coef`` = advantages ``(N,)``.
+    """:class:`gvpo.batch.Prepared` plus the per-row scales of the aggregation; ``coef`` = advantages ``(N,)``.
 
     Both are kept in float64 and cast to the log-probs' dtype in ``micro_loss``.
     """
@@ -268,3 +269,9 @@ class GRPOObjective:
         terms = self._terms(token_logps, batch, rows, advantages)
         scales = prepared.scales[rows].to(device=token_logps.device, dtype=terms.loss.dtype)
         return (scales[:, None] * terms.loss).sum()
+
+
+@OBJECTIVES.register("grpo")
+def grpo(config) -> GRPOObjective:
+    """GRPO as people run it: PPO-clipped token-level surrogate with a k3 KL penalty."""
+    return GRPOObjective(config)

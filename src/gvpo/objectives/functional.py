@@ -20,8 +20,8 @@ import math
 import torch
 from torch import Tensor
 
-from .groups import center, dense_index, group_sizes, group_std
-from .registry import Registry
+from ..groups import center, dense_index, group_sizes, group_std
+from ..registry import Registry
 
 __all__ = [
     "WEIGHT_SCHEMES",

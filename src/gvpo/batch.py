@@ -1,0 +1,172 @@
+"""The data types every stage shares: a ``Group`` of completions, the padded ``Batch`` and an
+objective's ``Prepared`` statistics. A leaf module: it imports nothing else from the trainer.
+
+Data flow: a sampler returns ``Group`` records, rewards are attached with :meth:`Group.with_rewards`
+(``None`` rewards drop completions through :meth:`Group.select`), :func:`build_batch` pads them into
+one ``Batch`` row per completion, and an objective's ``prepare`` turns the batch into ``Prepared``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .logprobs import completion_token_logps, sequence_logps
+
+PER_COMPLETION = ("completion_ids", "texts", "sources", "rewards", "born_step", "offline_index")
+"""The ``Group`` fields that hold one value per completion, in step with each other."""
+
+
+@dataclass
+class Group:
+    """One prompt and its completions (token ids), with where each came from.
+
+    Every per-completion list (:data:`PER_COMPLETION`) has one entry per completion; the ones left
+    empty at construction are filled with their defaults, so :meth:`select` and ``+`` keep them in step.
+    """
+
+    group_id: int
+    """Global position of the prompt in the data stream (unique per step and prompt)."""
+    row: dict
+    """The task row: ``prompt`` plus the columns the rewards read."""
+    completion_ids: list
+    """One list of token ids per completion (EOS included when generated)."""
+    texts: list
+    """Decoded completions."""
+    sources: list
+    """One tag per completion: policy, reference, replay or offline."""
+    rewards: list = field(default_factory=list)
+    """Per completion: a given reward (offline, replay) or ``None`` = score it (the default)."""
+    born_step: list = field(default_factory=list)
+    """Step at which each completion was generated (replay age; -1 for offline data, the default)."""
+    offline_index: list = field(default_factory=list)
+    """Per completion: ``(group, completion)`` index into the offline data (cached reference log-probs), or None."""
+
+    def __post_init__(self):
+        n = len(self.completion_ids)
+        defaults = {"rewards": None, "born_step": -1, "offline_index": None}
+        for name in PER_COMPLETION:
+            values = getattr(self, name)
+            if not values and n and name in defaults:
+                setattr(self, name, [defaults[name]] * n)
+            elif len(values) != n:
+                raise ValueError(f"Group {self.group_id}: {name} has {len(values)} entries for {n} completions")
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    def select(self, keep: list[int]) -> "Group":
+        """The group with only completions ``keep`` (indices, in the given order)."""
+        return dataclasses.replace(self, **{name: [getattr(self, name)[i] for i in keep] for name in PER_COMPLETION})
+
+    def __add__(self, other: "Group") -> "Group":
+        """This group's completions followed by ``other``'s (same prompt)."""
+        return dataclasses.replace(self, **{name: getattr(self, name) + getattr(other, name) for name in PER_COMPLETION})
+
+    def with_rewards(self, rewards: list) -> "Group":
+        """The group with ``rewards`` (one per completion, ``None`` = cannot be scored)."""
+        if len(rewards) != len(self):
+            raise ValueError(f"Group {self.group_id}: {len(rewards)} rewards for {len(self)} completions")
+        return dataclasses.replace(self, rewards=list(rewards))
+
+    def scored(self) -> "Group":
+        """The completions whose reward is not ``None``."""
+        return self.select([i for i, r in enumerate(self.rewards) if r is not None])
+
+
+@dataclass
+class Batch:
+    """Groups of completions ready for an update; one row per completion."""
+
+    input_ids: Tensor
+    """(N, P + C) prompt (left-padded) followed by completion (right-padded)."""
+    attention_mask: Tensor
+    """(N, P + C)."""
+    completion_mask: Tensor
+    """(N, C) 1 on completion tokens."""
+    rewards: Tensor
+    """(N,) float."""
+    group_ids: Tensor
+    """(N,) integer group labels (global prompt positions)."""
+    ref_token_logps: Tensor | None = None
+    """(N, C) reference per-token log-probs; for ``reference: rollout`` filled at the first update."""
+    old_token_logps: Tensor | None = None
+    """(N, C) per-token log-probs of the policy before this batch's first update (PPO ratios)."""
+    sources: list = field(default_factory=list)
+    """Per row: where the completion came from (policy, reference, replay, offline)."""
+
+    def __len__(self) -> int:
+        return self.rewards.shape[0]
+
+    def rows(self, sl: slice) -> tuple[Tensor, Tensor, Tensor]:
+        return self.input_ids[sl], self.attention_mask[sl], self.completion_mask[sl]
+
+    @property
+    def ref_logps(self) -> Tensor:
+        return sequence_logps(self.ref_token_logps, self.completion_mask)
+
+
+@dataclass
+class Prepared:
+    """Whole-batch, detached quantities an objective computed for its micro-batch losses."""
+
+    norm: float
+    """Local normaliser (groups or tokens); the trainer sums it over processes."""
+    loss_sum: float
+    """Objective value times ``norm`` on this process (so the global value is sum / sum of norms)."""
+    coef: Tensor | None = None
+    """(N,) or (N, C) per-row coefficients used by ``micro_loss``."""
+    stats: dict = field(default_factory=dict)
+    """Extra metrics (weights' spread, clip fraction, ...)."""
+
+
+def build_batch(groups: list[Group], tokenizer, device) -> Batch:
+    """Pad prompts on the left and completions on the right; one row per completion of every group.
+
+    Every completion must have a reward (drop unscored ones first with :meth:`Group.scored`).
+    """
+    from .rollout.hf import encode_prompts
+
+    prompts, comps, rs, gids, sources = [], [], [], [], []
+    for group in groups:
+        for ids, r, src in zip(group.completion_ids, group.rewards, group.sources):
+            if r is None:
+                raise ValueError(f"Group {group.group_id} has a completion without a reward; call .scored() first")
+            prompts.append(group.row["prompt"])
+            comps.append(ids)
+            rs.append(r)
+            gids.append(group.group_id)
+            sources.append(src)
+    enc = encode_prompts(tokenizer, prompts)
+    pad = tokenizer.pad_token_id
+    width = max(max((len(c) for c in comps), default=1), 1)
+    completion_ids = torch.full((len(comps), width), pad, dtype=torch.long)
+    completion_mask = torch.zeros((len(comps), width), dtype=torch.long)
+    for i, c in enumerate(comps):
+        completion_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        completion_mask[i, : len(c)] = 1
+    return Batch(
+        input_ids=torch.cat([enc["input_ids"], completion_ids], 1).to(device),
+        attention_mask=torch.cat([enc["attention_mask"], completion_mask], 1).to(device),
+        completion_mask=completion_mask.to(device),
+        rewards=torch.tensor(rs, dtype=torch.float32, device=device),
+        group_ids=torch.tensor(gids, dtype=torch.long, device=device),
+        sources=sources,
+    )
+
+
+def token_logps_for(model, batch: Batch, rows: slice, share_prompts: bool = True) -> Tensor:
+    """(n, C) per-token log-probs of ``batch`` rows ``rows`` (with grad if enabled); ``share_prompts`` runs
+    each group's prompt once (see :func:`gvpo.logprobs.completion_token_logps`)."""
+    return completion_token_logps(model, *batch.rows(rows), share_prompts=share_prompts)
+
+
+@torch.no_grad()
+def all_token_logps(model, batch: Batch, micro_batch_size: int, share_prompts: bool = True) -> Tensor:
+    """(N, C) per-token log-probs of every row, computed micro-batch by micro-batch without grad."""
+    n = len(batch)
+    step = micro_batch_size or n
+    return torch.cat([token_logps_for(model, batch, slice(s, s + step), share_prompts) for s in range(0, n, step)])

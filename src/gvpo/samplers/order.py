@@ -1,0 +1,51 @@
+"""Which data rows a step takes: a seeded shuffle per epoch over a stream of positions.
+
+Position ``p`` of the stream is row ``order(epoch)[offset]`` with ``epoch, offset = divmod(p, n)``;
+each epoch's permutation is drawn once from ``hash_seed(seed, epoch)`` and cached, so choosing a
+step's rows costs O(batch) after the first step of an epoch (``bench/step_rows.py`` measures it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..rollout import hash_seed
+
+
+class EpochOrder:
+    """Seeded permutation of ``range(n)`` per epoch, one epoch cached at a time."""
+
+    def __init__(self, n: int, seed: int):
+        if n < 1:
+            raise ValueError("no data rows to draw from (the training split is empty)")
+        self.n, self.seed = n, seed
+        self._epoch, self._order = None, None
+
+    def __getitem__(self, position: int) -> int:
+        """The row index at stream ``position``."""
+        epoch, offset = divmod(position, self.n)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(hash_seed(self.seed, epoch))
+            self._order = torch.randperm(self.n, generator=generator).tolist()
+            self._epoch = epoch
+        return self._order[offset]
+
+
+_ORDERS: dict = {}
+
+
+def step_rows(rows: list[dict], step: int, batch_size: int, seed: int) -> list[tuple[int, dict]]:
+    """The ``batch_size`` rows of ``step`` as ``(stream position, row)``; each epoch is a seeded shuffle.
+
+    >>> rows = [{"prompt": str(i)} for i in range(5)]
+    >>> [pos for pos, _ in step_rows(rows, 1, 3, seed=0)]
+    [3, 4, 5]
+    >>> sorted(r["prompt"] for _, r in step_rows(rows, 0, 5, seed=0))
+    ['0', '1', '2', '3', '4']
+    """
+    key = (len(rows), seed)  # the order depends on these two only
+    order = _ORDERS.get(key)
+    if order is None:
+        _ORDERS.clear()  # one data size at a time: nothing grows across runs in one process
+        order = _ORDERS[key] = EpochOrder(len(rows), seed)
+    return [(pos, rows[order[pos]]) for pos in range(step * batch_size, (step + 1) * batch_size)]

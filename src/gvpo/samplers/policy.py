@@ -1,0 +1,85 @@
+"""On-policy sampling (pi_s = the current policy) and sampling from the fixed reference, plus the
+group-generation helpers the other samplers reuse."""
+
+from __future__ import annotations
+
+from ..batch import Group
+from ..rollout import Engine, SamplingParams, hash_seed
+from .base import SAMPLERS
+
+
+def generate_groups(engine: Engine, rows: list[tuple[int, dict]], k: int, params: SamplingParams, *, seed: int,
+                    step: int, source: str, first_completion: int = 0) -> list[Group]:
+    """``k`` completions for each ``(position, row)``; completion j of the row at position p uses
+    seed ``hash_seed(seed, p, j)``, so a group never depends on how the batch is split."""
+    if k == 0:
+        return [Group(pos, row, [], [], []) for pos, row in rows]
+    prompts = [row["prompt"] for _, row in rows for _ in range(k)]
+    seeds = [hash_seed(seed, pos, j + first_completion) for pos, _ in rows for j in range(k)]
+    gen = engine.generate(prompts, seeds, params)
+    groups = []
+    for g, (pos, row) in enumerate(rows):
+        sl = range(g * k, (g + 1) * k)
+        ids = [gen.completion_ids[i][gen.completion_mask[i].bool()].tolist() for i in sl]
+        groups.append(Group(pos, row, ids, [gen.texts[i] for i in sl], [source] * k, born_step=[step] * k))
+    return groups
+
+
+def generate_by_count(engine: Engine, rows: list[tuple[int, dict]], counts: list[int], params: SamplingParams, *,
+                      seed: int, step: int, first: list[int]) -> list[Group]:
+    """Like :func:`generate_groups` with a per-row number of completions ``counts`` whose seeds start at
+    completion index ``first`` (one generate call per distinct count and start)."""
+    out: list[Group | None] = [None] * len(rows)
+    for count in sorted(set(counts)):
+        idx = [i for i, c in enumerate(counts) if c == count]
+        for offset in sorted({first[i] for i in idx}):
+            sub = [i for i in idx if first[i] == offset]
+            made = generate_groups(engine, [rows[i] for i in sub], count, params, seed=seed, step=step,
+                                   source="policy", first_completion=offset)
+            for i, group in zip(sub, made):
+                out[i] = group
+    return out  # type: ignore[return-value]
+
+
+class PolicySampler:
+    """pi_s = the current policy (on-policy), or the fixed reference (``source: reference``)."""
+
+    def __init__(self, engine: Engine, k: int, seed: int, source: str = "policy", reference=None):
+        if source == "reference" and reference is None:
+            raise ValueError("sampler.source=reference needs objective.reference=fixed (a reference policy to sample from)")
+        self.engine, self.k, self.seed, self.source, self.reference = engine, k, seed, source, reference
+        # a frozen reference copy gets its own engine once; with LoRA the policy's engine samples with adapters off
+        self.reference_engine = (type(engine)(reference.model, engine.tokenizer)
+                                 if source == "reference" and not reference.lora else None)
+
+    def sample(self, rows: list[tuple[int, dict]], step: int, params: SamplingParams) -> list[Group]:
+        if self.source == "policy":
+            return generate_groups(self.engine, rows, self.k, params, seed=self.seed, step=step, source="policy")
+        if self.reference_engine is not None:
+            return generate_groups(self.reference_engine, rows, self.k, params, seed=self.seed, step=step,
+                                   source="reference")
+        with self.reference.scoring(self.engine.model):
+            return generate_groups(self.engine, rows, self.k, params, seed=self.seed, step=step, source="reference")
+
+    def reference_token_logps(self, groups, batch, reference, micro_batch_size):
+        """No cache: the trainer computes reference log-probs of fresh samples."""
+        return None
+
+    def after_update(self, groups, step) -> None:
+        """Nothing to remember for on-policy sampling."""
+
+    def state(self) -> dict:
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Stateless."""
+
+
+@SAMPLERS.register("policy")
+def policy(spec, *, engine, reference, tokenizer, k, seed, max_new_tokens, cache_dir) -> PolicySampler:
+    return PolicySampler(engine, k, seed, "policy")
+
+
+@SAMPLERS.register("reference")
+def from_reference(spec, *, engine, reference, tokenizer, k, seed, max_new_tokens, cache_dir) -> PolicySampler:
+    return PolicySampler(engine, k, seed, "reference", reference)
