@@ -34,6 +34,8 @@ class ModelConfig:
     """Parameter dtype; ``auto`` = float32 on CPU (no bf16 units here), bfloat16 on CUDA; float64 for exactness checks."""
     trust_remote_code: bool = False
     """Allow code from the model folder to run; off unless you trust the source."""
+    disable_dropout: bool = True
+    """Set every dropout rate of the policy and reference to 0 (as TRL does); false = keep the model's dropout in the gradient forward only, while all log-probs (statistics, pi_old, reference) are computed without it."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory for more time (measured in bench/README.md, section "Gradient checkpointing")."""
     lora: bool = False
@@ -43,7 +45,7 @@ class ModelConfig:
     lora_alpha: int = 32
     """LoRA scaling numerator (scale = lora_alpha / lora_r)."""
     lora_dropout: float = 0.0
-    """Dropout on the LoRA branch."""
+    """Dropout on the LoRA branch; needs ``model.disable_dropout=false``."""
     lora_target_modules: str = "all-linear"
     """Modules that get adapters: ``all-linear`` or a comma-separated list of module names."""
 
