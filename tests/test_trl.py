@@ -96,44 +96,6 @@ def test_two_gloo_processes_match_the_single_process_reference(model_dir, tmp_pa
         assert max_diff(got, expected_params(model_dir, ("fixed",))) < 1e-9, name
 
 
-def test_five_steps_on_the_embedded_model_give_finite_metrics(tmp_path):
-    """``trainer.train()`` end to end: TRL samples from gvpo's shipped model, a TRL reward function scores."""
-    from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
-
-    from gvpo.rewards.basic import exact_match
-    from gvpo.tasks import get_task
-    from gvpo.tasks.arithmetic import default_model_path
-    from gvpo.trl import GVPOConfig, GVPOTrainer
-
-    class Logs(TrainerCallback):
-        rows: list[dict] = []
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            self.rows.append(dict(logs or {}))
-
-    def correct(prompts, completions, answer, **_):  # TRL's reward signature
-        return exact_match(prompts, completions, answer=answer)
-
-    model = str(default_model_path())
-    rows = get_task("arithmetic").train[:10]
-    args = GVPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, per_device_train_batch_size=8,
-                      num_generations=4, max_completion_length=6, max_steps=5, learning_rate=1e-4, logging_steps=1,
-                      report_to="none", save_strategy="no", disable_tqdm=True, gradient_checkpointing=False,
-                      model_init_kwargs={"dtype": torch.float32}, seed=0)
-    logs = Logs()
-    trainer = GVPOTrainer(model=model, reward_funcs=correct, args=args, train_dataset=Dataset.from_list(rows),
-                          processing_class=AutoTokenizer.from_pretrained(model), callbacks=[logs])
-    trainer.train()
-    steps = [row for row in logs.rows if "gvpo/loss" in row]
-    assert len(steps) == 5
-    for row in steps:
-        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float))}
-        assert {"loss", "reward", "gvpo/loss", "gvpo/log_ratio_mean"} <= numbers.keys()
-        assert all(math.isfinite(v) for v in numbers.values()), row
-    assert any(row["gvpo/log_ratio_mean"] != 0 for row in steps[1:])  # the policy moved away from the reference
-
-
 def test_rollout_reference_loads_no_reference_model(model_dir, tmp_path):
     trainer = trl_fixed.make_trainer(model_dir, tmp_path, reference="rollout")
     assert trainer.ref_model is None and trainer.args.beta == trl_fixed.BETA == trainer.gvpo_beta
@@ -163,3 +125,24 @@ def test_unsupported_trl_version_fails_at_import_with_the_range(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.99.0")
     with pytest.raises(ImportError, match=r"supports TRL >=1\.16,<1\.17, but TRL 1\.99\.0 is installed"):
         gvpo.trl._check_trl_version()
+
+
+def test_readme_script_trains_the_embedded_model_five_steps_with_finite_metrics(tmp_path, monkeypatch):
+    """The README's "Using GVPO from TRL" script (<= 25 lines), run as written but for 5 steps of one
+    prompt, logging each, in a temporary folder: TRL samples from gvpo's embedded model, a TRL reward function scores."""
+    readme = (TESTS.parent / "README.md").read_text()
+    script = readme.split("## Using GVPO from TRL", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(script.strip().splitlines()) <= 25
+    short = (script.replace("max_steps=60", "max_steps=5").replace("logging_steps=10", "logging_steps=1")
+             .replace("per_device_train_batch_size=32", "per_device_train_batch_size=8"))  # one prompt a step
+    assert short.count("max_steps=5") == 1 and "logging_steps=1," in short and "batch_size=8," in short
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(short, "README.md", "exec"), namespace)
+    steps = [row for row in namespace["trainer"].state.log_history if "gvpo/loss" in row]
+    assert len(steps) == 5
+    for row in steps:
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+        assert {"loss", "reward", "gvpo/loss", "gvpo/log_ratio_mean"} <= numbers.keys()
+        assert all(math.isfinite(v) for v in numbers.values()), row
+    assert any(row["gvpo/log_ratio_mean"] != 0 for row in steps[1:])  # the policy moved away from the reference
