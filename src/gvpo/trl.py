@@ -39,7 +39,8 @@ What it replaces in ``GRPOTrainer`` and why (nothing else is overridden):
   The reference log-probs are TRL's ``ref_per_token_logps`` (``reference="fixed"``: the initial model,
   or the base model with adapters off under PEFT) or the training model's own log-probs at the first
   use of a generation batch, i.e. under the parameters that generated it (``reference="rollout"``,
-  the authors' recipe). vLLM's sampling log-probs are never used.
+  the authors' recipe). vLLM's sampling log-probs are never used (TRL's vLLM modes are not tested
+  here: no GPU).
 
 Scaling: the returned loss's gradient is ``num_processes * steps_per_generation /
 gradient_accumulation_steps`` times the micro-batch's share (DDP averages gradients over processes;
