@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--preset", default="qwen25_math_rm8", choices=sorted(RECIPES),
                    help="which file and recipe (default qwen25_math_rm8)")
     p.add_argument("--config", default=None, help="recipe (default: configs/<the preset's recipe>)")
-    p.add_argument("--data", default=None, help="the file (default: the preset's file in the shared data dir)")
+    p.add_argument("--data", default=None, help="the file (default: the preset's file in tests/data)")
     p.add_argument("--limit", type=int, default=None, help="use only the file's first N prompts")
     p.add_argument("--out", default=None, help="work folder (splits, model, run, results); "
                                                "default runs/bench-offline-real-<preset>")

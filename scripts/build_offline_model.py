@@ -382,11 +382,10 @@ def nan_to_none(value: float) -> float | None:
 
 
 def default_data(preset: str) -> Path:
-    from gvpo.data_paths import data_path
-
+    """The preset's rated file in the repository's test data (``tests/data``)."""
     if preset not in DEFAULT_FILES:
         raise SystemExit(f"no default file for preset {preset!r}; pass --data")
-    return data_path(*DEFAULT_FILES[preset])
+    return REPO / "tests" / "data" / Path(*DEFAULT_FILES[preset])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -397,8 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="qwen25_math_rm8",
                    help="gvpo.data preset of the file (default qwen25_math_rm8; also gsm8k_model_solutions)")
     p.add_argument("--data", default=None,
-                   help="the offline file; default: the preset's file in the shared data dir ($GVPO_DATA_DIR or "
-                        "<repo>/../shared/data)")
+                   help="the offline file; default: the preset's file in <repo>/tests/data")
     p.add_argument("--out", default=None, help="output folder (default runs/offline-models/rm8 for qwen25_math_rm8, "
                                                "runs/offline-models/gsm8k for gsm8k_model_solutions, else "
                                                "runs/offline-models/<preset>)")

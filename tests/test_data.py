@@ -25,7 +25,7 @@ from gvpo.data import (
     main_check,
 )
 
-DATA_DIR = Path(os.environ.get("GVPO_DATA_DIR") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
+DATA_DIR = Path(__file__).resolve().parent / "data"  # the rated files, see each folder's SOURCE.md
 GSM8K_SOLUTIONS = DATA_DIR / "gsm8k_model_solutions" / "example_model_solutions.head300.jsonl"
 QWEN_RM8 = DATA_DIR / "qwen25_math_rm8" / "math_cot_100.jsonl"
 
@@ -310,8 +310,7 @@ def test_too_long_error_names_line_and_field(tmp_path):
 
 
 def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"real data not found at {path} (set GVPO_DATA_DIR)")
+    assert path.is_file(), f"test data missing: {path}"
     return path
 
 

@@ -146,7 +146,7 @@ def train(config: GVPOConfig, *, resume: str | Path | None = None) -> Path:
 
         # 2. score: given rewards (offline, replay) or the task's reward functions; None drops a completion
         generated = sum(src in ("policy", "reference") for g in groups for src in g.sources)
-        rewards, dropped = score(groups, reward_fn)
+        rewards, dropped = score(groups, reward_fn, state)
         batch = build_batch(groups, rewards, tokenizer, accelerator.device)
 
         # 3. reference log-probs (fixed reference), or at the first update (rollout reference)
@@ -199,11 +199,14 @@ def train(config: GVPOConfig, *, resume: str | Path | None = None) -> Path:
     return run_dir
 
 
-def score(groups, reward_fn) -> tuple[list[list[float]], int]:
-    """Rewards per group: given ones kept, the rest from ``reward_fn``; ``None`` removes a completion."""
+def score(groups, reward_fn, state: dict | None = None) -> tuple[list[list[float]], int]:
+    """Rewards per group: given ones kept, the rest from ``reward_fn`` (called with TRL's keywords, see
+    :mod:`gvpo.rewards`; ``state`` is the trainer state); ``None`` removes a completion."""
     todo = [(g, i) for g in groups for i in range(len(g.texts)) if g.rewards is None or g.rewards[i] is None]
     columns = {key: [g.row.get(key) for g, _ in todo] for key in (todo[0][0].row if todo else {}) if key != "prompt"}
-    values = reward_fn([g.row["prompt"] for g, _ in todo], [g.texts[i] for g, i in todo], **columns) if todo else []
+    values = reward_fn(prompts=[g.row["prompt"] for g, _ in todo], completions=[g.texts[i] for g, i in todo],
+                       completion_ids=[g.completion_ids[i] if g.completion_ids else None for g, i in todo],
+                       trainer_state=state, **columns) if todo else []
     scored = {(id(g), i): v for (g, i), v in zip(todo, values)}
     for (g, i), v in zip(todo, values):
         if v is not None and not math.isfinite(v):
