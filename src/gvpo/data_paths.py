@@ -129,10 +129,10 @@ def _load_hub(kwargs: dict, described: str) -> dict[str, Rows]:
     except Exception as err:  # noqa: BLE001 - hub/network errors come in many types
         text = f"{type(err).__name__}: {err}"
         offline = any(s in text for s in ("offline", "Offline", "ConnectionError", "connect", "resolve", "Max retries"))
-        hint = (" No network or HF_HUB_OFFLINE=1: download it once where there is network (`datasets.load_dataset("
-                f"{kwargs.get('path')!r}).save_to_disk('DIR')`, or `huggingface-cli download --repo-type dataset "
-                f"{kwargs.get('path')}`) and pass DIR (or its data files) instead of the id, or run with network "
-                "so the datasets cache fills.") if offline else ""
+        hint = (" There is no network here (or HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set) and the dataset is not in "
+                "the datasets cache. Where there is network, run `import datasets; datasets.load_dataset("
+                f"{_kwargs_text(kwargs)}).save_to_disk('DIR')`, copy DIR here and pass DIR as the path (or its data "
+                "files); or run once with network so the cache fills.") if offline else ""
         raise RuntimeError(f"could not load {described} with datasets.load_dataset({_kwargs_text(kwargs)}): "
                            f"{text}.{hint}") from err
     if "split" in kwargs and kwargs["split"] is not None:
