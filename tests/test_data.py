@@ -457,3 +457,33 @@ def test_fingerprint_model_dtypes_and_directory(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
     assert fingerprint_model(str(tmp_path)) != a
     assert not math.isnan(len(a)) and len(a) == 64
+
+
+def test_offline_data_from_gzip_a_load_dataset_mapping_and_a_hub_id(tmp_path, monkeypatch):
+    import gzip
+
+    import datasets
+
+    plain = write_jsonl(tmp_path / "g.jsonl", GROUPED)
+    with gzip.open(tmp_path / "g.jsonl.gz", "wb") as f:
+        f.write(plain.read_bytes())
+    want = [(g.prompt, g.completions, g.rewards) for g in load_offline(plain)[0]]
+    got_gz = [(g.prompt, g.completions, g.rewards) for g in load_offline(tmp_path / "g.jsonl.gz")[0]]
+    got_map = [(g.prompt, g.completions, g.rewards)
+               for g in load_offline({"path": "json", "data_files": str(plain)})[0]]
+    assert got_gz == want and got_map == [(p, c, [float(x) for x in r]) for p, c, r in want]
+
+    seen = []
+
+    hub_rows = GROUPED[:2]
+
+    def fake_load_dataset(**kwargs):
+        seen.append(kwargs)
+        return datasets.DatasetDict({"train": datasets.Dataset.from_list(hub_rows)})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    groups, summary = load_offline("someone/rated-completions")
+    assert seen == [{"path": "someone/rated-completions"}] and summary.prompts == 2
+    before = fingerprint_file("someone/rated-completions")  # of the rows: changes when they change
+    hub_rows = GROUPED[:1]
+    assert fingerprint_file("someone/rated-completions") != before
