@@ -31,7 +31,7 @@ import gzip
 import json
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 BUILTIN_DATA = ("gsm8k", "math500", "aime24")
 """The evaluation sets shipped inside the package."""
@@ -215,18 +215,24 @@ def read_splits(source: Any, *, config: str | None = None) -> tuple[dict[str, Ro
                             "Hugging Face dataset id ('owner/name')")
 
 
-def pick_split(splits: dict[str, Rows], split: str, described: str) -> Rows:
-    """``splits[split]``, or, for a source with one split only, that split; else ``KeyError`` naming them.
+def pick_split(splits: dict[str, Rows], split: str | Sequence[str], described: str, option: str = "") -> Rows:
+    """The rows of ``split`` (a list of names: concatenated), or, for a source with one split only, that
+    split; else ``KeyError`` naming the split, the option that chose it and the splits there are.
 
     >>> pick_split({"train": [1]}, "test", "x.jsonl")  # one file: whatever the split is called
     [1]
-    >>> pick_split({"train": [1], "validation": [2]}, "test", "ds")
+    >>> pick_split({"train": [1], "extra": [2]}, ["train", "extra"], "ds")
+    [1, 2]
+    >>> pick_split({"train": [1], "validation": [2]}, "test", "ds", "test_split")
     Traceback (most recent call last):
     ...
-    KeyError: "ds has no split 'test'; its splits: train, validation"
+    KeyError: "ds has no split 'test' (test_split); its splits: train, validation"
     """
-    if split in splits:
-        return splits[split]
-    if len(splits) == 1:
-        return next(iter(splits.values()))
-    raise KeyError(f"{described} has no split {split!r}; its splits: {', '.join(sorted(splits))}")
+    names = [split] if isinstance(split, str) else list(split)
+    if len(splits) == 1 and len(names) == 1:
+        return list(next(iter(splits.values())))
+    missing = [n for n in names if n not in splits]
+    if missing:
+        chosen_by = f" ({option})" if option else ""
+        raise KeyError(f"{described} has no split {missing[0]!r}{chosen_by}; its splits: {', '.join(sorted(splits))}")
+    return [r for n in names for r in splits[n]]

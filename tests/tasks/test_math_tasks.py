@@ -174,6 +174,9 @@ def test_math500_with_a_train_path_and_custom_columns(tmp_path):
 def test_bad_sources_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError):
         get_task("gsm8k", path=tmp_path / "missing.jsonl")
+    _write_jsonl(tmp_path / "only-train" / "train.jsonl", TOY)
+    with pytest.raises(KeyError, match=r"no split 'test' \(task.options.test_split\); its splits: train"):
+        get_task("gsm8k", path=tmp_path / "only-train")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="train.jsonl"):
         get_task("gsm8k", path=tmp_path / "empty")

@@ -31,23 +31,12 @@ import random
 from collections.abc import Mapping
 from typing import Any, Sequence
 
-from ..data_paths import read_splits
+from ..data_paths import pick_split, read_splits
 from ..rewards import is_conversational
 from . import TASKS, Task
 
 HOLD_OUT_SEED = 0
 """Seed of the shuffle that picks the ``test_size`` held-out rows (independent of ``seed``)."""
-
-
-def _take(found: dict[str, list[dict]], split: str | Sequence[str], described: str, option: str) -> list[dict]:
-    names = [split] if isinstance(split, str) else list(split)
-    if len(found) == 1 and len(names) == 1:
-        return list(next(iter(found.values())))
-    missing = [n for n in names if n not in found]
-    if missing:
-        raise KeyError(f"{described} has no split {missing[0]!r} (task.options.{option}); its splits: "
-                       f"{', '.join(sorted(found))}")
-    return [r for n in names for r in found[n]]
 
 
 def check_prompt(prompt: Any, where: str) -> None:
@@ -139,14 +128,14 @@ def dataset(
         raise ValueError(f"task.options.accuracy_reward {accuracy_reward!r} is not one of the rewards {list(rewards)}")
 
     found, described = read_splits(path, config=config)
-    train = task_rows(_take(found, train_split, described, "train_split"), prompt_column, described)
+    train = task_rows(pick_split(found, train_split, described, "task.options.train_split"), prompt_column, described)
     test_names = [test_split] if isinstance(test_split, str) else list(test_split)
     if test_path is not None:
         test_found, test_described = read_splits(test_path, config=config)
-        test = task_rows(_take(test_found, test_split, test_described, "test_split"), prompt_column, test_described)
+        test = task_rows(pick_split(test_found, test_split, test_described, "task.options.test_split"), prompt_column, test_described)
         held_out = f"{test_described}"
     elif len(found) > 1 and all(n in found for n in test_names):
-        test = task_rows(_take(found, test_split, described, "test_split"), prompt_column, described)
+        test = task_rows(pick_split(found, test_split, described, "task.options.test_split"), prompt_column, described)
         held_out = f"{described} [{', '.join(test_names)}]"
     else:
         train, test = hold_out(train, test_size)

@@ -61,10 +61,10 @@ def _task_splits(path: Any, default_dir: str, splits: tuple[str, ...], config: s
     split_folder = isinstance(path, (str, Path)) and Path(path).expanduser().is_dir() and not is_saved_dataset(path)
     if len(found) == 1 and not split_folder:
         return {"test": (next(iter(found.values())), described)}  # one file / Dataset / list: the test split
-    missing = [split_names[s] for s in splits if split_names[s] not in found]
-    if missing:
-        raise KeyError(f"{described} has no split {missing[0]!r} (this task reads {', '.join(split_names[s] for s in splits)}); "
-                       f"its splits: {', '.join(sorted(found))}")
+    for s in splits:  # a folder of split files or a multi-split source: each split by its exact name
+        if split_names[s] not in found:
+            raise KeyError(f"{described} has no split {split_names[s]!r} (task.options.{s}_split); "
+                           f"its splits: {', '.join(sorted(found))}")
     return {s: (found[split_names[s]], f"{described} [{split_names[s]}]") for s in splits}
 
 
