@@ -33,9 +33,6 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-BUILTIN_DATA = ("gsm8k", "math500", "aime24")
-"""The evaluation sets shipped inside the package."""
-
 _DATASETS_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow"}
 _SPLIT_FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv", ".tsv")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -44,7 +41,7 @@ Rows = list  # list[dict]
 
 
 def builtin_data_dir() -> Path:
-    """The folder holding the shipped evaluation sets (one sub-folder per :data:`BUILTIN_DATA` name).
+    """The folder holding the evaluation sets shipped in the package, one sub-folder each.
 
     >>> sorted(p.name for p in builtin_data_dir().iterdir() if p.is_dir())
     ['aime24', 'gsm8k', 'math500']
