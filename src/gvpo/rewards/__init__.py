@@ -11,8 +11,8 @@ A reward is a callable that receives keyword arguments and returns one value per
 * ``completion_ids``: one list of token ids per completion (EOS included when generated);
 * every other column of the task's rows, by name (``answer=[...]``, ``solution=[...]``);
 * ``trainer_state``: a :class:`TrainerState` (``global_step``, ``step``, ``samples``);
-* ``log_extra(column, values)`` / ``log_metric(name, value)``: TRL's logging hooks; what they receive is
-  kept on the combined reward's ``logged`` dict.
+* ``log_extra(column, values)`` / ``log_metric(name, value)``: TRL's logging hooks; what they receive in
+  the latest call is kept on the combined reward's ``logged`` dict (``{"extra": ..., "metrics": ...}``).
 
 So a function written for TRL -- ``def reward(completions, **kwargs)``, ``def reward(prompts,
 completions, answer, **kwargs)``, an ``async def``, a callable object -- works unchanged. A function
@@ -185,6 +185,7 @@ def combine(names: Sequence[str | RewardFn], weights: Sequence[float] | None = N
     def combined(*, prompts: list, completions: list, completion_ids: list | None = None, trainer_state: Any = None,
                  **columns) -> list:
         n = len(completions)
+        logged["extra"], logged["metrics"] = {}, {}  # this call's logs only
         if prompts and is_conversational(prompts[0]):
             completions = [[{"role": "assistant", "content": c}] if isinstance(c, str) else c for c in completions]
         kwargs = {**columns, "prompts": prompts, "completions": completions,
