@@ -53,7 +53,7 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     name: str = "arithmetic"
-    """Task: a built-in name (arithmetic, gsm8k, math500, aime24) or a dotted path to a task factory."""
+    """Task: a built-in name (arithmetic, gsm8k, math500, aime24, dataset = your own data, see task.options) or a dotted path to a task factory."""
     options: dict = field(default_factory=dict)
     """Keyword options for the task factory, e.g. ``{path: data/train.jsonl, template: chat}``."""
     rewards: list = field(default_factory=list)

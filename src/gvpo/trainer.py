@@ -177,7 +177,7 @@ def train(config: RunConfig, *, resume: str | Path | None = None) -> Path:
 
         # 2. score: given rewards (offline, replay) or the task's reward functions; None drops a completion
         generated = sum(src in ("policy", "reference") for g in groups for src in g.sources)
-        scored = [g.with_rewards(r) for g, r in zip(groups, score(groups, run.reward_fn))]
+        scored = [g.with_rewards(r) for g, r in zip(groups, score(groups, run.reward_fn, state))]
         groups = [g.scored() for g in scored]
         dropped = sum(len(a) - len(b) for a, b in zip(scored, groups))
 
@@ -247,12 +247,15 @@ def process_rows(rows: list, rank: int, world: int, mini_batches: int) -> list:
             for row in rows[j * per_batch + rank * share : j * per_batch + (rank + 1) * share]]
 
 
-def score(groups: list[Group], reward_fn) -> list[list]:
-    """Rewards per group, one per completion: given ones kept, the rest from ``reward_fn`` (``None`` = the
-    completion cannot be scored). Nothing is changed in ``groups``."""
+def score(groups: list[Group], reward_fn, state: dict | None = None) -> list[list]:
+    """Rewards per group, one per completion: given ones kept, the rest from ``reward_fn`` (called with
+    TRL's keywords, see :mod:`gvpo.rewards`; ``state`` is the trainer state; ``None`` = the completion
+    cannot be scored). Nothing is changed in ``groups``."""
     todo = [(g, i) for g in groups for i in range(len(g)) if g.rewards[i] is None]
     columns = {key: [g.row.get(key) for g, _ in todo] for key in (todo[0][0].row if todo else {}) if key != "prompt"}
-    values = reward_fn([g.row["prompt"] for g, _ in todo], [g.texts[i] for g, i in todo], **columns) if todo else []
+    values = reward_fn(prompts=[g.row["prompt"] for g, _ in todo], completions=[g.texts[i] for g, i in todo],
+                       completion_ids=[g.completion_ids[i] for g, i in todo], trainer_state=state,
+                       **columns) if todo else []
     for (g, i), v in zip(todo, values):
         if v is not None and not math.isfinite(v):
             raise NonFiniteError(f"reward {v} for completion {g.texts[i]!r} of prompt {g.row['prompt']!r}: rewards "

@@ -1,7 +1,8 @@
 """Built-in tasks: prompts with the columns their rewards need, train and held-out splits.
 
 A task is picked by name (``task.name: arithmetic``) through the ``TASKS`` registry; each entry is a
-factory ``(**options) -> Task``.
+factory ``(**options) -> Task``. ``dataset`` (:mod:`gvpo.tasks.dataset`) trains on the user's own data
+with their own rewards, configured by options alone.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ class Task:
 
     name: str
     train: list[dict]
-    """Training rows: each has ``"prompt"`` (str) plus the columns the rewards read (e.g. ``"answer"``)."""
+    """Training rows: each has ``"prompt"`` (a string, or a list of ``{"role", "content"}`` messages that
+    goes through the chat template) plus the columns the rewards read by name (e.g. ``"answer"``)."""
     test: list[dict]
     """Held-out rows in the same form, disjoint from ``train``."""
     rewards: tuple[str, ...]
@@ -41,6 +43,7 @@ def get_task(name: str, **options) -> Task:
 
 def _register_builtins() -> None:
     from . import arithmetic  # noqa: F401  (registers itself)
+    from . import dataset  # noqa: F401  (registers dataset: the user's own data)
     from . import math_tasks  # noqa: F401  (registers gsm8k, math500, aime24)
 
 

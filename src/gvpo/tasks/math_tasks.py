@@ -10,11 +10,13 @@ only placeholder, so LaTeX braces such as ``\\boxed{}`` need no escaping. Chat m
 optional ``{"role": "system"}`` message), and the default template asks for the answer in
 ``\\boxed{}``; the trainer applies the tokenizer's chat template.
 
-Data. ``path`` is a folder holding ``train.jsonl`` / ``test.jsonl`` (default: the task's folder in
-:func:`gvpo.data_paths.shared_data_dir`), a single data file (jsonl/json via the standard library;
-parquet/csv/... via ``datasets.load_dataset(<format>, data_files=...)``, never the Hub), a
-``datasets.Dataset`` or list of dicts (the test split), or a ``datasets.DatasetDict`` / dict with
-``"train"`` / ``"test"``. ``train_path`` / ``test_path`` override one split.
+Data. ``path`` is any source :func:`gvpo.data_paths.read_splits` reads (default: the task's data shipped
+in the package, :func:`gvpo.data_paths.builtin_data_dir`): a folder of ``train.jsonl`` / ``test.jsonl``, a
+``datasets.save_to_disk`` folder, a ``DatasetDict`` or dict of splits, a Hugging Face dataset id
+(``config`` names its configuration), a mapping of ``datasets.load_dataset`` arguments; a single file,
+``datasets.Dataset`` or list of rows is the test split. ``train_split`` / ``test_split`` name the splits
+to take. ``train_path`` / ``test_path`` override one split, e.g.
+``train_path=EleutherAI/hendrycks_math config=algebra``.
 
 Splits. ``gsm8k`` has its own ``train.jsonl`` (7473) and ``test.jsonl`` (1319). ``math500`` (500)
 and ``aime24`` (30) are **evaluation-only**: they ship one test file, and their ``train`` is
@@ -24,12 +26,11 @@ and ``aime24`` (30) are **evaluation-only**: they ship one test file, and their 
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
 
-from ..data_paths import shared_data_dir
+from ..data_paths import builtin_file, is_saved_dataset, pick_split, read_jsonl, read_splits
 from ..rewards.math import gold_answer
 from . import TASKS, Task
 
@@ -47,51 +48,29 @@ def fill_template(template: str, question: str) -> str:
     return template.replace("{question}", question)
 
 
-def read_rows(source: Any) -> tuple[list[dict], str]:
-    """Rows of a data file, ``datasets.Dataset`` or list of dicts, and a description of the source."""
-    if isinstance(source, (str, Path)):
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"data file {path} does not exist")
-        suffix = path.suffix.lower()
-        if suffix in (".jsonl", ".json"):
-            text = path.read_text(encoding="utf-8")
-            if text.lstrip().startswith("["):
-                rows = json.loads(text)
-            else:
-                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-            return rows, str(path)
-        import datasets
-
-        fmt = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow"}.get(suffix)
-        if fmt is None:
-            raise ValueError(f"cannot read {path}: use .jsonl, .json, .parquet, .csv or .arrow")
-        kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
-        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
-        return [dict(r) for r in ds], str(path)
-    if isinstance(source, list):
-        return [dict(r) for r in source], f"list of {len(source)} rows"
-    if hasattr(source, "column_names") and hasattr(source, "__iter__"):  # datasets.Dataset
-        return [dict(r) for r in source], f"datasets.Dataset ({len(source)} rows)"
-    raise TypeError(f"cannot read rows from {type(source).__name__}: give a path, a datasets.Dataset or a list")
-
-
-def _split_sources(path: Any, default_dir: str, splits: tuple[str, ...]) -> dict[str, Any]:
-    """Map each split name to its source according to ``path`` (see the module docstring)."""
+def _task_splits(path: Any, default_dir: str, splits: tuple[str, ...], config: str | None,
+                 split_names: dict[str, str]) -> dict[str, tuple[list[dict], str]]:
+    """Rows of each of ``splits`` in ``path`` as ``{split: (rows, description)}`` (see the module docstring)."""
     if path is None:
-        path = shared_data_dir() / default_dir
-    if isinstance(path, dict):
-        return {s: path[s] for s in splits if s in path}  # DatasetDict / dict of splits
-    if isinstance(path, (str, Path)) and Path(path).expanduser().is_dir():
-        folder = Path(path).expanduser()
         out = {}
         for s in splits:
-            file = folder / f"{s}.jsonl"
-            if not file.is_file():
-                raise FileNotFoundError(f"{file} does not exist (expected {', '.join(f'{x}.jsonl' for x in splits)})")
-            out[s] = file
+            file = builtin_file(default_dir, s)
+            out[s] = (read_jsonl(file), str(file))
         return out
-    return {"test": path}
+    found, described = read_splits(path, config=config)
+    split_folder = isinstance(path, (str, Path)) and Path(path).expanduser().is_dir() and not is_saved_dataset(path)
+    if len(found) == 1 and not split_folder:
+        return {"test": (next(iter(found.values())), described)}  # one file / Dataset / list: the test split
+    for s in splits:  # a folder of split files or a multi-split source: each split by its exact name
+        if split_names[s] not in found:
+            raise KeyError(f"{described} has no split {split_names[s]!r} (task.options.{s}_split); "
+                           f"its splits: {', '.join(sorted(found))}")
+    return {s: (found[split_names[s]], f"{described} [{split_names[s]}]") for s in splits}
+
+
+def _one_split(source: Any, split: str, config: str | None) -> tuple[list[dict], str]:
+    found, described = read_splits(source, config=config)
+    return pick_split(found, split, described), described if len(found) == 1 else f"{described} [{split}]"
 
 
 def build_math_task(
@@ -108,6 +87,9 @@ def build_math_task(
     path: Any,
     train_path: Any,
     test_path: Any,
+    config: str | None,
+    train_split: str,
+    test_split: str,
     num_train: int | None,
     num_test: int | None,
     seed: int | None,
@@ -121,18 +103,18 @@ def build_math_task(
         template = CHAT_TEMPLATE if chat else default_template
     if "{question}" not in template:
         raise ValueError(f"template must contain '{{question}}', got {template!r}")
-    sources = _split_sources(path, default_dir, splits)
+    sources = _task_splits(path, default_dir, splits, config, {"train": train_split, "test": test_split})
     if train_path is not None:
-        sources["train"] = train_path
+        sources["train"] = _one_split(train_path, train_split, config)
     if test_path is not None:
-        sources["test"] = test_path
+        sources["test"] = _one_split(test_path, test_split, config)
     if "test" not in sources:
         raise ValueError(f"task {name!r}: no test split found in {path!r}")
 
     def make_rows(split: str) -> tuple[list[dict], str]:
         if split not in sources:
             return [], "none"
-        raw, described = read_rows(sources[split])
+        raw, described = sources[split]
         rows = []
         for i, r in enumerate(raw):
             for col in (question_column, answer_column):
@@ -190,6 +172,9 @@ def gsm8k(
     path: Any = None,
     train_path: Any = None,
     test_path: Any = None,
+    config: str | None = None,
+    train_split: str = "train",
+    test_split: str = "test",
     chat: bool = False,
     template: str | None = None,
     system_prompt: str | None = None,
@@ -222,6 +207,9 @@ def math500(
     path: Any = None,
     train_path: Any = None,
     test_path: Any = None,
+    config: str | None = None,
+    train_split: str = "train",
+    test_split: str = "test",
     chat: bool = False,
     template: str | None = None,
     system_prompt: str | None = None,
@@ -257,6 +245,9 @@ def aime24(
     path: Any = None,
     train_path: Any = None,
     test_path: Any = None,
+    config: str | None = None,
+    train_split: str = "train",
+    test_split: str = "test",
     chat: bool = False,
     template: str | None = None,
     system_prompt: str | None = None,
