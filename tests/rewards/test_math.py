@@ -8,7 +8,6 @@ fails the test with the full list (nothing is skipped silently). Run with ``-s``
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import threading

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import REWARDS, completion_text
+from .base import REWARDS, completion_text
 
 
 def first_line(text) -> str:

@@ -24,7 +24,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from . import REWARDS, completion_text  # noqa: F401  (completion_text: also importable from here)
+from .base import REWARDS, completion_text  # noqa: F401  (completion_text: also importable from here)
 from .verify import MathVerifier
 
 # ----------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 from ..data_paths import pick_split, read_splits
 from ..rewards import is_conversational
-from . import TASKS, Task
+from .base import TASKS, Task
 
 HOLD_OUT_SEED = 0
 """Seed of the shuffle that picks the ``test_size`` held-out rows (independent of ``seed``)."""

@@ -32,7 +32,7 @@ from typing import Any
 
 from ..data_paths import builtin_file, is_saved_dataset, pick_split, read_jsonl, read_splits
 from ..rewards.math import gold_answer
-from . import TASKS, Task
+from .base import TASKS, Task
 
 GSM8K_TEMPLATE = "Question: {question}\nAnswer: Let's think step by step."
 MATH_TEMPLATE = "Problem: {question}\nPut the final answer in \\boxed{}.\nSolution: Let's think step by step."
