@@ -208,3 +208,15 @@ def test_builtin_files_are_in_the_package():
     assert len(read_jsonl(builtin_file("gsm8k", "train"))) == 7473
     with pytest.raises(FileNotFoundError, match="shipped: \\['test.jsonl.gz'\\]"):
         builtin_file("math500", "train")
+
+
+def test_also_train_on_appends_another_tasks_train_rows_in_the_same_prompt_format():
+    """The authors' GSM8K + MATH mix: MATH rows (here MATH-500's file as the train source) then GSM8K's
+    7,473 train rows, both as chat prompts, each with its own gold answer; held-out rows unchanged."""
+    plain = get_task("math500", chat=True)
+    mixed = get_task("math500", chat=True, train_path=str(builtin_file("math500", "test")), also_train_on=["gsm8k"])
+    gsm8k = get_task("gsm8k", chat=True)
+    assert len(mixed.train) == 500 + 7473 and mixed.test == plain.test
+    assert mixed.train[500:] == gsm8k.train
+    assert all(isinstance(r["prompt"], list) and r["answer"] for r in mixed.train)
+    assert "gsm8k train" in mixed.extra["sources"]["train"]

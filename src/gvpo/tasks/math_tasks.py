@@ -95,6 +95,7 @@ def build_math_task(
     seed: int | None,
     max_new_tokens: int,
     format_weight: float,
+    also_train_on: list | tuple = (),
     answer_transform=None,
 ) -> Task:
     """The shared builder behind ``gsm8k``/``math500``/``aime24``; usable for any question/answer data.
@@ -135,6 +136,10 @@ def build_math_task(
         return rows, described
 
     train, train_src = make_rows("train")
+    for other in also_train_on:  # e.g. the authors' GSM8K + MATH training mix
+        extra_task = TASKS.resolve(other)(chat=chat, system_prompt=system_prompt)
+        train += extra_task.train
+        train_src += f" + {other} train ({extra_task.extra['sources']['train']})"
     test, test_src = make_rows("test")
     if seed is not None:
         random.Random(seed).shuffle(train)
@@ -185,12 +190,15 @@ def gsm8k(
     question_column: str = "question",
     answer_column: str = "answer",
     format_weight: float = 0.0,
+    also_train_on: list | tuple = (),
 ) -> Task:
     """GSM8K: 7473 train / 1319 test grade-school word problems with integer answers.
 
     ``answer_column`` may hold the whole solution (``... #### 72``); rows get ``"72"``.
     ``seed`` shuffles the train rows (before ``num_train`` keeps the first ones); test keeps file order.
-    ``format_weight > 0`` adds the ``format`` reward with that weight.
+    ``format_weight > 0`` adds the ``format`` reward with that weight. ``also_train_on`` (task names, e.g.
+    ``[math500]`` with ``train_path`` set there) appends those tasks' train rows, built with the same
+    ``chat`` and ``system_prompt``.
 
     >>> task = gsm8k(num_test=2, num_train=1)
     >>> task.test[0]["answer"], task.test[0]["prompt"].startswith("Question: Janet"), len(task.train)
@@ -220,10 +228,12 @@ def math500(
     question_column: str = "problem",
     answer_column: str = "answer",
     format_weight: float = 0.0,
+    also_train_on: list | tuple = (),
 ) -> Task:
     """MATH-500 (Lightman et al.): 500 competition problems with LaTeX answers. **Eval-only**: train is
     empty unless ``train_path`` is given. ``answer_column="solution"`` takes the gold from the
-    solution's last ``\\boxed{}`` instead of the ``answer`` field.
+    solution's last ``\\boxed{}`` instead of the ``answer`` field. ``also_train_on: [gsm8k]`` appends
+    GSM8K's train rows (the GVPO authors train on GSM8K + MATH).
 
     >>> task = math500(num_test=1)
     >>> task.test[0]["answer"], task.train, task.extra["eval_only"]
@@ -258,6 +268,7 @@ def aime24(
     question_column: str = "problem",
     answer_column: str = "answer",
     format_weight: float = 0.0,
+    also_train_on: list | tuple = (),
 ) -> Task:
     """AIME 2024 I+II: 30 problems, integer answers 0-999 (``"025"`` becomes ``"25"``). **Eval-only**:
     train is empty unless ``train_path`` is given. ``max_new_tokens`` defaults to 2048: AIME solutions
