@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,13 +29,17 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from . import checkpoint as ckpt
+from . import run_folder
 from .batch import Batch, Group, all_token_logps, build_batch
-from .config import RunConfig, save_config
+from .config import ConfigError, RunConfig, save_config
 from .evaluate import evaluate
+from .interrupt import Interrupted, StopRequests, resume_hint
 from .logprobs import sequence_logps
 from .metrics import MetricsLog, plot_metrics, read_metrics, within_group_correlation
-from .models import Reference, load_policy, save_pretrained
+from .model_checks import load_checked
+from .models import Reference, save_pretrained
 from .objectives import create_objective
+from .reward_checks import RewardError
 from .rewards import combine
 from .rollout import SamplingParams, create_engine
 from .samplers import create_sampler, step_rows
@@ -93,6 +99,7 @@ class Run:
     run_dir: Path
     state: dict
     log: MetricsLog | None
+    lock: run_folder.RunLock | None = None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -100,15 +107,20 @@ class Run:
         return self.accelerator.unwrap_model(self.policy)
 
 
-def setup(config: RunConfig, *, resume: str | Path | None = None) -> Run:
+def setup(config: RunConfig, *, resume: str | Path | None = None, overwrite: bool = False,
+          allow_changes: tuple = ()) -> Run:
     """Build the run: task and rewards, policy and reference, optimizer, engine, sampler, run folder;
-    restore the latest checkpoint when ``resume`` (a run folder) is given."""
+    restore the newest intact checkpoint when ``resume`` (a run folder) is given.
+
+    A new run refuses a folder that holds a run unless ``overwrite``; a resumed one refuses config changes
+    outside :data:`gvpo.run_folder.RESUMABLE` and ``allow_changes``; the folder is locked until the run ends."""
     run_dir = Path(resume) if resume else run_dir_for(config)
+    changed = run_folder.check(run_dir, config, resume=bool(resume), overwrite=overwrite, allowed=allow_changes)
     report_to = [t for t in config.output.report_to if t != "none"]
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=report_to or None, project_dir=run_dir)
     world, cfg_train, cfg_obj = accelerator.num_processes, config.train, config.objective
     if cfg_train.prompts_per_step % world:
-        raise ValueError(f"train.prompts_per_step={cfg_train.prompts_per_step} must be divisible by the "
+        raise ConfigError(f"train.prompts_per_step={cfg_train.prompts_per_step} must be divisible by the "
                          f"number of processes ({world}) so that every group stays on one process")
     torch.manual_seed(cfg_train.seed)
 
@@ -118,7 +130,7 @@ def setup(config: RunConfig, *, resume: str | Path | None = None) -> Run:
     eval_tasks = [get_task(name) for name in config.task.eval_tasks]
     max_new_tokens = config.rollout.max_new_tokens or task.max_new_tokens
 
-    policy, tokenizer = load_policy(config.model, accelerator.device)
+    policy, tokenizer = load_checked(config.model, accelerator.device, progress=config.output.progress)
     reference = Reference(policy, config.model.lora) if cfg_obj.reference == "fixed" else None
     objective = create_objective(cfg_obj)
     trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -135,28 +147,49 @@ def setup(config: RunConfig, *, resume: str | Path | None = None) -> Run:
                              cache_dir=Path(config.output.dir) / ".ref_cache")
 
     state = {"step": 0, "samples": 0, "trained": 0, "elapsed_s": 0.0, "processes": world}
+    lock = None
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
+        lock = run_folder.open_locked(run_dir, resume=bool(resume), overwrite=overwrite)
+        if not resume:
+            save_config(config, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
-    last = ckpt.latest_checkpoint(run_dir / "checkpoints") if resume else None
-    if last is not None:
-        state, sampler_state = ckpt.load_checkpoint(last, model=model, optimizer=optimizer, scheduler=scheduler,
-                                                    reference_model=reference.model if reference else None)
-        sampler.load_state(sampler_state)
-    log = None
-    if accelerator.is_main_process:
-        log = MetricsLog(run_dir, accelerator)
-        log.truncate_after(state["step"])
-    accelerator.init_trackers("tensorboard", config=flat_config(config))
+    with run_folder.released_on_error(lock):
+        last = run_folder.resume_point(run_dir, say=say if accelerator.is_main_process else None) if resume else None
+        if last is not None:
+            state, sampler_state = ckpt.load_checkpoint(last, model=model, optimizer=optimizer, scheduler=scheduler,
+                                                        reference_model=reference.model if reference else None)
+            sampler.load_state(sampler_state)
+        log = None
+        if accelerator.is_main_process:
+            log = MetricsLog(run_dir, accelerator)
+            log.truncate_after(state["step"] if last is not None else -1)
+            if resume:
+                run_folder.record_resume(run_dir, state["step"], changed)
+        accelerator.init_trackers("tensorboard", config=flat_config(config))
     return Run(config, accelerator, task, reward_fn, eval_tasks, policy, tokenizer, reference, objective, optimizer,
                scheduler, engine, SamplingParams(max_new_tokens, config.rollout.temperature, config.rollout.top_p),
-               sampler, run_dir, state, log)
+               sampler, run_dir, state, log, lock)
 
 
-def train(config: RunConfig, *, resume: str | Path | None = None) -> Path:
-    """Train with ``config``; returns the run folder. ``resume`` = a run folder to continue."""
-    run = setup(config, resume=resume)
+def train(config: RunConfig, *, resume: str | Path | None = None, overwrite: bool = False,
+          allow_changes: tuple = ()) -> Path:
+    """Train with ``config``; returns the run folder. ``resume`` = a run folder to continue; ``overwrite``
+    replaces a finished or abandoned run in the same folder. SIGTERM/Ctrl-C end the run after a checkpoint
+    with :class:`gvpo.interrupt.Interrupted` (see :mod:`gvpo.interrupt`)."""
+    run = setup(config, resume=resume, overwrite=overwrite, allow_changes=allow_changes)
+    with run_folder.held(run.lock), StopRequests() as stop:
+        try:
+            run_loop(run, stop)
+        except KeyboardInterrupt:  # a second signal (or Ctrl-C without handlers): no new checkpoint
+            last = ckpt.manifest.newest_intact(run.run_dir / "checkpoints", hashes=False)[0]
+            raise Interrupted(f"stopped at once in step {run.state['step'] + 1}; "
+                              + resume_hint(run.run_dir, last), stop.signum or signal.SIGINT) from None
+    return run.run_dir
+
+
+def run_loop(run: Run, stop: StopRequests) -> None:
+    """The steps of :func:`train`, from the run's current step to ``train.max_steps``, then :func:`finish`."""
+    config = run.config
     cfg_train, accelerator, state = config.train, run.accelerator, run.state
     rank, world = accelerator.process_index, accelerator.num_processes
     if state["step"] == 0 and run.log:
@@ -165,7 +198,7 @@ def train(config: RunConfig, *, resume: str | Path | None = None) -> Path:
     bar = tqdm(total=cfg_train.max_steps, initial=state["step"], desc="gvpo",
                disable=not (config.output.progress and accelerator.is_main_process))
     start = time.perf_counter() - state["elapsed_s"]
-    while state["step"] < cfg_train.max_steps:
+    while state["step"] < cfg_train.max_steps and not stop.requested(accelerator):
         step = state["step"]
         # 1. sample: this process's share of the step's prompts, whole groups only
         rows = step_rows(run.task.train, step, cfg_train.prompts_per_step, cfg_train.seed)
@@ -174,9 +207,12 @@ def train(config: RunConfig, *, resume: str | Path | None = None) -> Path:
 
         # 2. score: given rewards (offline, replay) or the task's reward functions; None drops a completion
         generated = sum(src in ("policy", "reference") for g in groups for src in g.sources)
-        scored = [g.with_rewards(r) for g, r in zip(groups, score(groups, run.reward_fn))]
+        scored = [g.with_rewards(r) for g, r in zip(groups, score(groups, run.reward_fn, step + 1))]
         groups = [g.scored() for g in scored]
         dropped = sum(len(a) - len(b) for a, b in zip(scored, groups))
+        if nothing_scored(groups, accelerator):  # every completion's reward is None: no update, step counted
+            skip_step(run, step, generated, dropped, bar)
+            continue
         batch = build_batch(groups, run.tokenizer, accelerator.device)
 
         # 3. reference log-probs (fixed reference), or at the first update (rollout reference)
@@ -215,16 +251,64 @@ def train(config: RunConfig, *, resume: str | Path | None = None) -> Path:
         if cfg_train.checkpoint_every and (step + 1) % cfg_train.checkpoint_every == 0:
             save_checkpoint(run)
     bar.close()
+    if stop.signum is not None:
+        stop_with_checkpoint(run, stop.signum)
     finish(run)
-    return run.run_dir
 
 
-def score(groups: list[Group], reward_fn) -> list[list]:
+def say(message: str) -> None:
+    print(f"gvpo: {message}", file=sys.stderr, flush=True)
+
+
+def nothing_scored(groups: list[Group], accelerator) -> bool:
+    """Whether no process has a completion with a reward this step."""
+    count = torch.tensor([float(sum(len(g) for g in groups))], device=accelerator.device)
+    return float(accelerator.reduce(count, "sum")[0]) == 0
+
+
+def skip_step(run: Run, step: int, generated: int, dropped: int, bar) -> None:
+    """A step whose every completion was dropped: no update; the step, its samples and ``skipped_steps`` count."""
+    accelerator, state, cfg_train = run.accelerator, run.state, run.config.train
+    totals = accelerator.reduce(torch.tensor([float(generated), float(dropped)], device=accelerator.device), "sum")
+    state["samples"] += int(totals[0].item())
+    state["skipped_steps"] = state.get("skipped_steps", 0) + 1
+    state["step"] = step + 1
+    if accelerator.is_main_process:
+        say(f"step {step + 1}: every reward was None ({int(totals[1].item())} completions dropped); step skipped "
+            f"({state['skipped_steps']} so far)")
+    row = {"step": step + 1, "samples": state["samples"], "completions_trained": state["trained"],
+           "reward_none": int(totals[1].item()), "skipped_steps": state["skipped_steps"],
+           "lr": run.scheduler.get_last_lr()[0], "time_s": state["elapsed_s"]}
+    if cfg_train.eval_every and (step + 1) % cfg_train.eval_every == 0 or step + 1 == cfg_train.max_steps:
+        row.update(evaluate_all(run, step + 1))
+    if run.log:
+        run.log.log(row)
+    bar.update(1)
+    if cfg_train.checkpoint_every and (step + 1) % cfg_train.checkpoint_every == 0:
+        save_checkpoint(run)
+
+
+def stop_with_checkpoint(run: Run, signum: int) -> None:
+    """After a SIGTERM/Ctrl-C: checkpoint the finished steps (unless the last one is saved), raise Interrupted."""
+    step = run.state["step"]
+    path = run.run_dir / "checkpoints" / f"step-{step:06d}"
+    if not path.exists():
+        save_checkpoint(run)
+    run.accelerator.end_training()
+    raise Interrupted(f"stopped by {signal.Signals(signum).name} after step {step}; "
+                      + resume_hint(run.run_dir, path), signum)
+
+
+def score(groups: list[Group], reward_fn, step: int | None = None) -> list[list]:
     """Rewards per group, one per completion: given ones kept, the rest from ``reward_fn`` (``None`` = the
-    completion cannot be scored). Nothing is changed in ``groups``."""
+    completion cannot be scored). Nothing is changed in ``groups``. A reward that raises or returns something
+    unusable is a ``RewardError`` naming it and ``step``."""
     todo = [(g, i) for g in groups for i in range(len(g)) if g.rewards[i] is None]
     columns = {key: [g.row.get(key) for g, _ in todo] for key in (todo[0][0].row if todo else {}) if key != "prompt"}
-    values = reward_fn([g.row["prompt"] for g, _ in todo], [g.texts[i] for g, i in todo], **columns) if todo else []
+    try:
+        values = reward_fn([g.row["prompt"] for g, _ in todo], [g.texts[i] for g, i in todo], **columns) if todo else []
+    except RewardError as err:
+        raise RewardError(f"step {step}: {err}" if step is not None else str(err)) from err
     for (g, i), v in zip(todo, values):
         if v is not None and not math.isfinite(v):
             raise NonFiniteError(f"reward {v} for completion {g.texts[i]!r} of prompt {g.row['prompt']!r}: rewards "
@@ -273,6 +357,7 @@ def finish(run: Run) -> None:
         save_checkpoint(run)
     if run.accelerator.is_main_process:
         save_pretrained(run.model, run.tokenizer, run.run_dir / "final")
+        run_folder.share_like_umask(run.run_dir / "final")  # safetensors writes 0600
         if run.config.output.plots:
             plot_metrics(read_metrics(run.run_dir / "metrics.jsonl"), run.run_dir / "plots.png", title=run.run_dir.name)
     run.accelerator.wait_for_everyone()

@@ -11,6 +11,7 @@ import threading
 from typing import Callable, Sequence
 
 from ..registry import Registry
+from ..reward_checks import call_checked, check_values
 
 RewardFn = Callable[..., list]
 
@@ -64,9 +65,8 @@ def combine(names: Sequence[str], weights: Sequence[float] | None = None, timeou
     def combined(prompts, completions, **columns):
         total: list = [0.0] * len(completions)
         for fn, weight, name in zip(fns, weights, names):
-            values = call_with_timeout(fn, name, timeout_s, prompts, completions, **columns)
-            if len(values) != len(completions):
-                raise ValueError(f"reward {name!r} returned {len(values)} values for {len(completions)} completions")
+            values = check_values(name, call_checked(call_with_timeout, name, fn, name, timeout_s, prompts,
+                                                     completions, **columns), len(completions))
             total = [None if (t is None or v is None) else t + weight * float(v) for t, v in zip(total, values)]
         return total
 
