@@ -218,7 +218,7 @@ def _eval(args) -> int:
 
     task = get_task(args.task, **dict(parse_override(o) for o in args.task_option))
     model, tokenizer = load_checked(ModelConfig(name_or_path=args.model), "cuda" if _cuda() else "cpu",
-                                    progress=sys.stderr.isatty())
+                                    progress=sys.stderr.isatty(), key="--model")
     engine = create_engine(args.engine, model, tokenizer)
     result = evaluate(engine, task, n=args.n, samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,

@@ -41,15 +41,16 @@ def check_model_source(name_or_path: str, key: str = "model.name_or_path") -> No
                          "pytorch_model.bin, or their sharded index) in the folder")
 
 
-def load_checked(config, device, progress: bool = True):
-    """``load_policy`` behind the checks above; whatever it raises becomes one :class:`ModelError` line."""
+def load_checked(config, device, progress: bool = True, key: str = "model.name_or_path"):
+    """``load_policy`` behind the checks above; whatever it raises becomes one :class:`ModelError` line that
+    names ``key`` (the config key, or the command-line flag that gave the model)."""
     from .models import load_policy, resolve_model_path
 
     if not progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    check_model_source(resolve_model_path(config.name_or_path))
+    check_model_source(resolve_model_path(config.name_or_path), key)
     try:
         model, tokenizer = load_policy(config, device)
     except (ImportError, MemoryError):
@@ -57,9 +58,9 @@ def load_checked(config, device, progress: bool = True):
     except Exception as err:
         lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
         why = lines[0] if lines else type(err).__name__
-        raise ModelError(f"model.name_or_path={config.name_or_path}: cannot load it as a causal language model "
+        raise ModelError(f"{key}={config.name_or_path}: cannot load it as a causal language model "
                          f"({type(err).__name__}: {why[:300]})") from err
     if tokenizer.pad_token_id is None:
-        raise ModelError(f"model.name_or_path={config.name_or_path}: the tokenizer has neither a pad nor an EOS "
+        raise ModelError(f"{key}={config.name_or_path}: the tokenizer has neither a pad nor an EOS "
                          "token; add one (tokenizer.add_special_tokens({'pad_token': ...})) and save it")
     return model, tokenizer

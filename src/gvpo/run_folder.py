@@ -50,13 +50,17 @@ def is_run(run_dir: Path) -> bool:
 
 def check_new_run(run_dir: Path, overwrite: bool = False) -> None:
     """Refuse to start a new run in a folder that holds one, unless ``overwrite``; refuse a file in the way."""
-    for parent in [run_dir, *run_dir.parents]:
-        if parent.exists() and not parent.is_dir():
-            raise RunFolderError(f"cannot create the run folder {run_dir}: {parent} is a file, not a folder")
+    check_no_file_in_the_way(run_dir)
     if is_run(run_dir) and not overwrite:
         raise RunFolderError(
             f"{run_dir} already holds a run; continue it with --resume {run_dir}, start a new one with another "
             "output.name (or --output-dir), or replace it with --overwrite")
+
+
+def check_no_file_in_the_way(run_dir: Path) -> None:
+    for parent in [run_dir, *run_dir.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise RunFolderError(f"cannot create the run folder {run_dir}: {parent} is a file, not a folder")
 
 
 def check_resumable(run_dir: Path) -> None:
@@ -191,7 +195,7 @@ def check(run_dir: Path, config, *, resume: bool, overwrite: bool = False, allow
 def open_locked(run_dir: Path, *, resume: bool, overwrite: bool = False) -> RunLock:
     """Create and lock the run folder; checks again under the lock (a run may have ended in between), and
     clears the old run's files for ``overwrite``. Raises RunFolderError (or the OSError, with its path)."""
-    check_new_run(run_dir, overwrite=True)  # a file in the way
+    check_no_file_in_the_way(run_dir)
     try:
         lock = RunLock(run_dir).acquire()
     except OSError as err:
