@@ -44,6 +44,7 @@ def check_model_source(name_or_path: str, key: str = "model.name_or_path") -> No
 def load_checked(config, device, progress: bool = True, key: str = "model.name_or_path"):
     """``load_policy`` behind the checks above; whatever it raises becomes one :class:`ModelError` line that
     names ``key`` (the config key, or the command-line flag that gave the model)."""
+    from .config import ConfigError
     from .models import load_policy, resolve_model_path
 
     if not progress:
@@ -53,7 +54,7 @@ def load_checked(config, device, progress: bool = True, key: str = "model.name_o
     check_model_source(resolve_model_path(config.name_or_path), key)
     try:
         model, tokenizer = load_policy(config, device)
-    except (ImportError, MemoryError):
+    except (ImportError, MemoryError, ConfigError):  # ConfigError: load_policy's own one-line refusals
         raise
     except Exception as err:
         lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]

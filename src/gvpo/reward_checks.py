@@ -29,7 +29,9 @@ def check_values(name: str, values, n: int) -> list:
     ...
     gvpo.reward_checks.RewardError: reward 'r' returned '1' (a str) for completion 0; expected a number or None
     """
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+    if not isinstance(values, (str, bytes, dict)) and hasattr(values, "__iter__") and not hasattr(values, "__len__"):
+        values = list(values)  # a generator
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
         raise RewardError(f"reward {name!r} returned {_show(values)} ({type(values).__name__}); expected a list "
                           f"of {n} numbers or None, one per completion")
     if len(values) != n:
