@@ -140,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         code = _exit_code(err)
         if debug or code is None:
             raise
-        print(f"gvpo: {_describe(err)}", file=sys.stderr)
-        if code != 128 + 2 and code != 128 + 15:
-            print("gvpo: (--debug or GVPO_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(f"gvpo: {_describe(err)}", file=sys.stderr)  # the traceback: --debug or GVPO_DEBUG=1
         return code
     except KeyboardInterrupt:  # before the run's own handlers are in place (loading) or after
         if debug:

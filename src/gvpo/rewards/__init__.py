@@ -29,7 +29,7 @@ import inspect
 import threading
 from typing import Any, Callable, Sequence
 
-from ..reward_checks import RewardError, call_checked, check_values
+from ..reward_checks import call_checked, check_values
 from .base import REWARDS, RewardFn, TrainerState, completion_text, is_conversational, resolve
 
 __all__ = ["REWARDS", "RewardFn", "TrainerState", "call_with_timeout", "combine", "completion_text",
@@ -131,10 +131,7 @@ def combine(names: Sequence[str | RewardFn], weights: Sequence[float] | None = N
         values: list = [None] * len(fns)
         coroutines = []
         for i, (fn, label) in enumerate(zip(fns, labels)):
-            try:
-                args = reward_arguments(fn, label, kwargs)
-            except TypeError as err:
-                raise RewardError(str(err)) from err
+            args = reward_arguments(fn, label, kwargs)
             if _is_async(fn):
                 coroutines.append((i, fn, args))
                 continue
