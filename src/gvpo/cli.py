@@ -27,20 +27,20 @@ def _count(minimum: int):
         if value < minimum:
             raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
         return value
-    parse.__name__ = f"integer >= {minimum}"
     return parse
 
 
-def _in_range(low: float, high: float | None, low_open: bool = True):
-    """An argparse type: a number in (low, high] (or [low, high] when not ``low_open``)."""
+def _in_range(low: float, high: float | None):
+    """An argparse type: a number in (low, high] (high None: no upper bound)."""
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if (value <= low if low_open else value < low) or (high is not None and value > high):
-            bound = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}{']' if high else ')'}"
-            raise argparse.ArgumentTypeError(f"expected a number in {bound}, got {value}")
+        if value <= low or (high is not None and value > high):
+            bound = f"({low}, {high}]" if high is not None else f"> {low}"
+            raise argparse.ArgumentTypeError(f"expected a number {'in ' if high is not None else ''}{bound}, "
+                                             f"got {value}")
         return value
     return parse
 

@@ -369,8 +369,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _field_type(key: str) -> Any:
     """The annotated type of a dotted ``section.field`` key, or None (unknown keys are reported by ``_set``)."""
     parts = key.split(".")
-    sections = {f.name: f.type for f in dataclasses.fields(RunConfig)}
-    if len(parts) != 2 or parts[0] not in sections:
+    if len(parts) != 2 or parts[0] not in {f.name for f in dataclasses.fields(RunConfig)}:
         return None
     return typing.get_type_hints(type(getattr(RunConfig(), parts[0]))).get(parts[1])
 

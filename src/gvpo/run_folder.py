@@ -115,12 +115,6 @@ class RunLock:
             self._file.close()  # closing drops the flock
             self._file = None
 
-    def __enter__(self) -> "RunLock":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
 
 def _flat(config) -> dict:
     return {f"{s}.{k}": v for s, fields in dataclasses.asdict(config).items() for k, v in fields.items()}
