@@ -65,3 +65,53 @@ def test_scientific_notation_overrides_are_numbers():
     assert load_config(None, ["optim.lr=3e-2"]).optim.lr == 0.03
     with pytest.raises(ConfigError, match="optim.lr"):
         load_config(None, ["optim.lr=fast"])
+
+
+@pytest.mark.parametrize("args, flag, expected", [
+    (["eval", "--n", "-5"], "--n", "expected an integer >= 0, got -5"),
+    (["eval", "--samples", "0"], "--samples", "expected an integer >= 1, got 0"),
+    (["eval", "--top-p", "1.5"], "--top-p", "expected a number in (0, 1], got 1.5"),
+    (["train", "--max-steps", "-1"], "--max-steps", "expected an integer >= 0, got -1"),
+])
+def test_bad_flag_values_are_refused_naming_the_flag(args, flag, expected, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(args)
+    assert exit_.value.code == 2
+    assert f"argument {flag}: {expected}" in capsys.readouterr().err
+
+
+def _captured_config(monkeypatch, args):
+    """The config ``gvpo train ARGS`` would train with (the trainer replaced by a recorder)."""
+    from gvpo import trainer
+
+    seen = {}
+    monkeypatch.setattr(trainer, "train", lambda config, **kw: seen.setdefault("config", config) and "run")
+    assert cli.main(args) == 0
+    return seen["config"]
+
+
+def test_flag_values_are_strings_and_overrides_may_follow_options(monkeypatch, capsys):
+    config = _captured_config(monkeypatch, ["train", "train.seed=3", "--output-dir", "exp #1", "--max-steps", "2",
+                                            "output.name=007", "rollout.k=4"])
+    assert (config.output.dir, config.output.name) == ("exp #1", "007")
+    assert (config.train.seed, config.train.max_steps, config.rollout.k) == (3, 2, 4)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # a stray word is still an error
+        cli.main(["train", "a.b=1", "--max-steps", "2", "oops"])
+    assert "unrecognized arguments: oops" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--n", "2", "a=1"])  # eval takes no overrides
+    assert "unrecognized arguments: a=1" in capsys.readouterr().err
+
+
+def test_debug_flag_and_environment_show_the_traceback(tmp_path, monkeypatch, capsys):
+    (tmp_path / "f").write_text("")
+    args = ["train", f"output.dir={tmp_path / 'f'}"]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "is a file" in err[0]
+    with pytest.raises(RuntimeError, match="is a file"):
+        cli.main([*args, "--debug"])
+    monkeypatch.setenv("GVPO_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="is a file"):
+        cli.main(args)

@@ -469,7 +469,8 @@ def test_trainer_gives_dr_grpo_the_generation_budget(model_dir, tmp_path, budget
     run = setup(config)
     assert run.objective.max_completion_length == (budget or 4)
     assert run.objective.scale_rewards == "none" and run.objective.epsilon_high == 0.28
-    rows = read_metrics(train(config) / "metrics.jsonl")
+    run.lock.release()  # setup() made and locked the run folder: the run below replaces it
+    rows = read_metrics(train(config, overwrite=True) / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2] and all(math.isfinite(r["loss"]) for r in rows[1:])
 
 

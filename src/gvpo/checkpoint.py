@@ -1,8 +1,10 @@
 """Atomic checkpoints and exact resume: model, optimizer, scheduler, RNG states, data position, replay.
 
-A checkpoint is written to ``checkpoints/.tmp-step-N`` and renamed to ``checkpoints/step-N`` only when
-complete, so a crash mid-write leaves the previous checkpoint intact. Tensors go through safetensors;
-everything else through ``torch.save`` and is read back with ``weights_only=True``.
+A checkpoint is written to ``checkpoints/.tmp-step-N``, sealed with a manifest of its files' sizes and hashes
+(:mod:`gvpo.checkpoint_manifest`, written last) and renamed to ``checkpoints/step-N``, so a crash mid-write
+leaves the previous checkpoint intact. Older checkpoints are deleted only once the new one checks out, and a
+resume uses the newest checkpoint that matches its manifest. Tensors go through safetensors; everything else
+through ``torch.save`` and is read back with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,13 @@ import numpy as np
 import torch
 from accelerate.utils import extract_model_from_parallel
 from safetensors.torch import load_file, save_file
+
+from . import checkpoint_manifest as manifest
+from .run_folder import share_like_umask
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, read-only, ...); the previous one is untouched."""
 
 
 def rng_state() -> dict:
@@ -42,26 +51,55 @@ def trainable_state(model: torch.nn.Module) -> dict:
 
 def save_checkpoint(ckpt_dir: Path, step: int, *, model, optimizer, scheduler, trainer_state: dict,
                     reference_state: dict | None = None, sampler_state: dict | None = None, keep: int = 2) -> Path:
-    """Write ``ckpt_dir/step-<step>`` atomically; keep the newest ``keep``; return its path."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    """Write ``ckpt_dir/step-<step>`` atomically, sealed by a manifest; keep the newest ``keep`` intact ones
+    (0 = all); return its path. A write that fails raises ``CheckpointWriteError`` naming the folder and what
+    failed, and leaves every earlier checkpoint as it was."""
     final = ckpt_dir / f"step-{step:06d}"
     tmp = ckpt_dir / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "model.safetensors"))
-    if reference_state:
-        save_file({k: v.contiguous().cpu() for k, v in reference_state.items()}, str(tmp / "reference.safetensors"))
-    (tmp / "sampler.json").write_text(json.dumps(sampler_state or {}))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-               tmp / "state.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
-    _fsync_files(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _fsync_files(ckpt_dir)
-    for old in sorted(ckpt_dir.glob("step-*"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(trainable_state(model), str(tmp / "model.safetensors"))
+        if reference_state:
+            save_file({k: v.contiguous().cpu() for k, v in reference_state.items()}, str(tmp / "reference.safetensors"))
+        (tmp / "sampler.json").write_text(json.dumps(sampler_state or {}))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+                   tmp / "state.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
+        _fsync_files(tmp)
+        manifest.write_manifest(tmp)
+        share_like_umask(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_files(ckpt_dir)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        last, _ = manifest.newest_intact(ckpt_dir, hashes=False)
+        kept = f"the last intact checkpoint {last} is kept" if last else "no earlier checkpoint exists"
+        raise CheckpointWriteError(f"could not write checkpoint {tmp}: {_reason(err)}; {kept}") from err
+    if manifest.problem(final, hashes=False) is None:  # only a verified new checkpoint retires older ones
+        rotate(ckpt_dir, keep)
     return final
+
+
+def _reason(err: Exception) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror}" + (f" ({err.filename})" if err.filename else "")
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def rotate(ckpt_dir: Path, keep: int) -> None:
+    """Delete the checkpoints older than the ``keep``-th newest intact one (by sizes against the manifest)."""
+    if keep <= 0:
+        return
+    found = manifest.checkpoints(ckpt_dir)
+    intact = [p for p in found if manifest.problem(p, hashes=False) is None]
+    if len(intact) > keep:
+        cutoff = intact[-keep]
+        for old in found:
+            if old < cutoff:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_files(path: Path) -> None:
@@ -72,8 +110,8 @@ def _fsync_files(path: Path) -> None:
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    found = sorted(p for p in ckpt_dir.glob("step-*") if (p / "trainer_state.json").exists()) if ckpt_dir.exists() else []
-    return found[-1] if found else None
+    """The newest checkpoint that matches its manifest (see :func:`gvpo.checkpoint_manifest.newest_intact`)."""
+    return manifest.newest_intact(ckpt_dir)[0]
 
 
 def load_checkpoint(path: Path, *, model, optimizer, scheduler, reference_model=None) -> tuple[dict, dict]:

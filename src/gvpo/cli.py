@@ -14,6 +14,36 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .config import ConfigError, describe, load_config
 
+DEBUG_HELP = "show the Python traceback of an error (also: environment GVPO_DEBUG=1)"
+
+
+def _count(minimum: int):
+    """An argparse type: an integer >= ``minimum``, refused with the flag's name otherwise."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _in_range(low: float, high: float | None):
+    """An argparse type: a number in (low, high] (high None: no upper bound)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value <= low or (high is not None and value > high):
+            bound = f"({low}, {high}]" if high is not None else f"> {low}"
+            raise argparse.ArgumentTypeError(f"expected a number {'in ' if high is not None else ''}{bound}, "
+                                             f"got {value}")
+        return value
+    return parse
+
 
 def _train_parser(sub) -> None:
     p = sub.add_parser(
@@ -25,8 +55,13 @@ def _train_parser(sub) -> None:
     )
     p.add_argument("--config", help="YAML file with config sections (model, task, rollout, sampler, objective, optim, train, output)")
     p.add_argument("--output-dir", help="parent folder for the run folder (output.dir)")
-    p.add_argument("--max-steps", type=int, help="number of optimizer steps (train.max_steps)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint, with its saved config")
+    p.add_argument("--max-steps", type=_count(0), help="number of optimizer steps (train.max_steps)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest intact checkpoint, "
+                   "with its saved config (key=value may change only train.max_steps, evaluation, checkpoint and "
+                   "output keys: see README, 'When things go wrong')")
+    p.add_argument("--overwrite", action="store_true", help="start a new run even if the run folder holds one "
+                   "(its metrics, checkpoints and final weights are deleted)")
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. objective.beta=0.05 rollout.k=4")
 
 
@@ -34,16 +69,17 @@ def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a model on a task's held-out prompts; prints one JSON object")
     p.add_argument("--model", default="default", help="model folder, hub id (where a network allows), or 'default' (embedded model)")
     p.add_argument("--task", default="arithmetic", help="task name (arithmetic, gsm8k, math500, aime24, dataset) or dotted path")
-    p.add_argument("--n", type=int, default=0, help="number of held-out prompts; 0 = all")
-    p.add_argument("--samples", type=int, default=1, help="completions per prompt: 1 = greedy pass@1, K > 1 = sampled avg@K and pass@K")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature when --samples > 1")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold when --samples > 1")
-    p.add_argument("--max-new-tokens", type=int, default=0, help="completion limit; 0 = the task's default")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts generated together")
+    p.add_argument("--n", type=_count(0), default=0, help="number of held-out prompts; 0 = all")
+    p.add_argument("--samples", type=_count(1), default=1, help="completions per prompt: 1 = greedy pass@1, K > 1 = sampled avg@K and pass@K")
+    p.add_argument("--temperature", type=_in_range(0, None), default=1.0, help="sampling temperature when --samples > 1")
+    p.add_argument("--top-p", type=_in_range(0, 1), default=1.0, help="nucleus sampling threshold when --samples > 1")
+    p.add_argument("--max-new-tokens", type=_count(0), default=0, help="completion limit; 0 = the task's default")
+    p.add_argument("--batch-size", type=_count(1), default=64, help="prompts generated together")
     p.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="generation engine")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--items", help="write per-item results (completion, reward, correct) to this jsonl file")
     p.add_argument("--task-option", action="append", default=[], metavar="key=value", help="task factory option, repeatable (e.g. path=data.jsonl)")
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
 
 
 def _data_parser(sub) -> None:
@@ -63,25 +99,34 @@ def _compare_parser(sub) -> None:
     )
     p.add_argument("--config", help="YAML config shared by every run")
     p.add_argument("--objectives", default="gvpo,grpo,dr_grpo", help="comma-separated objective names (default: gvpo,grpo,dr_grpo)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per objective: train.seed, train.seed+1, ... (default 3)")
+    p.add_argument("--seeds", type=_count(1), default=3, help="seeds per objective: train.seed, train.seed+1, ... (default 3)")
     p.add_argument("--output-dir", help="folder for the run folders and the comparison (default: <output.dir>/compare-<date>)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps of every run (train.max_steps)")
+    p.add_argument("--max-steps", type=_count(0), help="optimizer steps of every run (train.max_steps)")
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides shared by every run")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("GVPO_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     if argv[:2] == ["data", "check"]:  # its own parser, options in any order
         from .data import main_check
 
         return main_check(argv[2:])
     parser = argparse.ArgumentParser(prog="gvpo", description="GVPO post-training for language models")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _eval_parser(sub)
     _data_parser(sub)
     _compare_parser(sub)
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    extra = [a for a in rest if "=" in a and not a.startswith("-")]  # key=value after an option
+    if len(extra) < len(rest) or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         if args.command == "train":
             return _train(args)
@@ -91,28 +136,73 @@ def main(argv: list[str] | None = None) -> int:
             from .compare import main_compare
 
             return main_compare(args)
-    except ConfigError as err:
-        print(f"gvpo: config error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:
+        code = _exit_code(err)
+        if debug or code is None:
+            raise
+        print(f"gvpo: {_describe(err)}", file=sys.stderr)  # the traceback: --debug or GVPO_DEBUG=1
+        return code
+    except KeyboardInterrupt:  # before the run's own handlers are in place (loading) or after
+        if debug:
+            raise
+        print("gvpo: interrupted", file=sys.stderr)
+        return 130
     return 1
 
 
+def _exit_code(err: Exception) -> int | None:
+    """The exit status for a user's mistake or an environment failure; ``None`` for a bug (traceback)."""
+    from .checkpoint import CheckpointWriteError
+    from .data import DataError
+    from .interrupt import Interrupted
+    from .model_checks import ModelError
+    from .reward_checks import RewardError
+    from .run_folder import RunFolderError
+    from .update import NonFiniteError
+
+    if isinstance(err, Interrupted):
+        return err.exit_code
+    if isinstance(err, ConfigError):
+        return 2
+    if isinstance(err, (RunFolderError, ModelError, RewardError, DataError, CheckpointWriteError, NonFiniteError,
+                        OSError)):
+        return 1
+    if isinstance(err, KeyError) and str(err.args[0] if err.args else "").startswith(("unknown ", "cannot import ")):
+        return 2  # a registry name (task, reward, objective, sampler) that does not resolve
+    return None
+
+
+def _describe(err: Exception) -> str:
+    """The error as the user needs it: config errors as before, OS errors with their path, the rest as is."""
+    from .data import DataError
+
+    if isinstance(err, ConfigError):
+        return f"config error: {err}"
+    if isinstance(err, DataError):
+        return str(err)  # the same report as ``gvpo data check``
+    if isinstance(err, KeyError):
+        return f"error: {err.args[0]}"
+    if isinstance(err, OSError) and err.strerror and err.filename:
+        return f"error: {err.filename}: {err.strerror}"
+    return f"error: {err}"
+
+
 def _train(args) -> int:
+    from .run_folder import check_resumable, saved_changes
     from .trainer import train
 
-    overrides = list(args.overrides)
+    overrides = list(args.overrides)  # key=value text, then the flags' values as they are (strings stay strings)
     if args.output_dir:
-        overrides.append(f"output.dir={args.output_dir}")
+        overrides.append(("output.dir", args.output_dir))
     if args.max_steps is not None:
-        overrides.append(f"train.max_steps={args.max_steps}")
+        overrides.append(("train.max_steps", args.max_steps))
     config_path = args.config
     if args.resume:
-        saved = Path(args.resume) / "config.yaml"
-        if not saved.exists():
-            raise ConfigError(f"--resume {args.resume}: no config.yaml there (is it a run folder?)")
-        config_path = config_path or saved
+        check_resumable(Path(args.resume))
+        overrides = [*saved_changes(Path(args.resume)).items(), *overrides]
+        config_path = config_path or Path(args.resume) / "config.yaml"
     config = load_config(config_path, overrides)
-    run_dir = train(config, resume=args.resume)
+    run_dir = train(config, resume=args.resume, overwrite=args.overwrite)
     print(f"run folder: {run_dir}")
     return 0
 
@@ -120,12 +210,13 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from .config import ModelConfig, parse_override
     from .evaluate import evaluate
-    from .models import load_policy
+    from .model_checks import load_checked
     from .rollout import create_engine
     from .tasks import get_task
 
     task = get_task(args.task, **dict(parse_override(o) for o in args.task_option))
-    model, tokenizer = load_policy(ModelConfig(name_or_path=args.model), "cuda" if _cuda() else "cpu")
+    model, tokenizer = load_checked(ModelConfig(name_or_path=args.model), "cuda" if _cuda() else "cpu",
+                                    progress=sys.stderr.isatty(), key="--model")
     engine = create_engine(args.engine, model, tokenizer)
     result = evaluate(engine, task, n=args.n, samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,

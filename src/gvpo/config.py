@@ -292,6 +292,13 @@ def _set(config: RunConfig, key: str, value: Any) -> None:
     setattr(section, parts[1], _coerce(key, value, tp))
 
 
+NON_NEGATIVE = ("train.max_steps", "train.micro_batch_size", "train.eval_every", "train.eval_n",
+                "train.checkpoint_every", "train.keep_checkpoints", "rollout.max_new_tokens", "optim.warmup_steps",
+                "optim.weight_decay", "optim.max_grad_norm", "objective.ref_sync_steps", "task.reward_timeout_s",
+                "sampler.replay_capacity", "sampler.replay_max_age", "sampler.mixture_offline")
+"""Counts and limits where a negative value has no meaning (0 keeps its documented meaning, e.g. "all")."""
+
+
 def validate(config: RunConfig) -> RunConfig:
     """Cross-field checks that a single field's type cannot express."""
     positive = {"rollout.k": config.rollout.k, "train.prompts_per_step": config.train.prompts_per_step,
@@ -310,8 +317,9 @@ def validate(config: RunConfig) -> RunConfig:
         raise ConfigError(f"rollout.top_p must be in (0, 1], got {config.rollout.top_p}")
     if config.rollout.temperature <= 0:
         raise ConfigError(f"rollout.temperature must be > 0, got {config.rollout.temperature}")
-    if config.train.max_steps < 0 or config.train.micro_batch_size < 0:
-        raise ConfigError("train.max_steps and train.micro_batch_size must be >= 0")
+    for key in NON_NEGATIVE:
+        if _get(config, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {_get(config, key)}")
     if config.train.prompts_per_step % config.train.mini_batches:
         raise ConfigError(f"train.prompts_per_step={config.train.prompts_per_step} must be divisible by "
                           f"train.mini_batches={config.train.mini_batches} (each mini-batch holds whole groups)")
@@ -358,8 +366,33 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
-    """Defaults, then the YAML file at ``path`` (if any), then ``overrides`` (``key=value`` strings or a dict)."""
+def _field_type(key: str) -> Any:
+    """The annotated type of a dotted ``section.field`` key, or None (unknown keys are reported by ``_set``)."""
+    parts = key.split(".")
+    if len(parts) != 2 or parts[0] not in {f.name for f in dataclasses.fields(RunConfig)}:
+        return None
+    return typing.get_type_hints(type(getattr(RunConfig(), parts[0]))).get(parts[1])
+
+
+def override_item(text: str) -> tuple[str, Any]:
+    """``key=value`` for a config key: the value is YAML (numbers, lists, booleans), except for string fields
+    (paths, names), which take the text as written (``output.name=007`` is ``"007"``, ``output.dir=exp #1``
+    keeps its ``#``); quote it (``'...'``) to have YAML read it.
+
+    >>> override_item("output.name=007"), override_item("train.max_steps=007")
+    (('output.name', '007'), ('train.max_steps', 7))
+    """
+    key, value = parse_override(text)
+    raw = text.split("=", 1)[1].strip()
+    quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+    if _field_type(key) is str and not quoted:
+        return key, raw
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list | dict | None = None) -> RunConfig:
+    """Defaults, then the YAML file at ``path`` (if any), then ``overrides``: ``key=value`` strings (see
+    :func:`override_item`), ``(key, value)`` pairs, or a dict."""
     config = RunConfig()
     if path:
         with open(path, encoding="utf-8") as f:
@@ -368,7 +401,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
             raise ConfigError(f"{path}: expected a mapping of sections (model, task, ...), got {type(data).__name__}")
         for key, value in data.items():
             _set(config, key, value)
-    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    items = overrides.items() if isinstance(overrides, dict) else [
+        o if isinstance(o, tuple) else override_item(o) for o in overrides or []]
     for key, value in items:
         _set(config, key, value)
     return validate(config)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,13 +30,17 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from . import checkpoint as ckpt
+from . import run_folder
 from .batch import Batch, Group, all_token_logps, build_batch
-from .config import RunConfig, save_config
+from .config import ConfigError, RunConfig, save_config
 from .evaluate import evaluate
+from .interrupt import Interrupted, StopRequests, resume_hint
 from .logprobs import sequence_logps
 from .metrics import MetricsLog, plot_metrics, read_metrics, within_group_correlation
-from .models import Reference, load_policy, save_pretrained
+from .model_checks import load_checked
+from .models import Reference, save_pretrained
 from .objectives import create_objective
+from .reward_checks import RewardError
 from .rewards import combine
 from .rollout import SamplingParams, create_engine
 from .samplers import create_sampler, step_rows
@@ -94,6 +100,7 @@ class Run:
     run_dir: Path
     state: dict
     log: MetricsLog | None
+    lock: run_folder.RunLock | None = None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -101,17 +108,22 @@ class Run:
         return self.accelerator.unwrap_model(self.policy)
 
 
-def setup(config: RunConfig, *, resume: str | Path | None = None) -> Run:
+def setup(config: RunConfig, *, resume: str | Path | None = None, overwrite: bool = False,
+          allow_changes: tuple = ()) -> Run:
     """Build the run: task and rewards, policy and reference, optimizer, engine, sampler, run folder;
-    restore the latest checkpoint when ``resume`` (a run folder) is given."""
+    restore the newest intact checkpoint when ``resume`` (a run folder) is given.
+
+    A new run refuses a folder that holds a run unless ``overwrite``; a resumed one refuses config changes
+    outside :data:`gvpo.run_folder.RESUMABLE` and ``allow_changes``; the folder is locked until the run ends."""
     run_dir = Path(resume) if resume else run_dir_for(config)
+    changed = run_folder.check(run_dir, config, resume=bool(resume), overwrite=overwrite, allowed=allow_changes)
     report_to = [t for t in config.output.report_to if t != "none"]
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=report_to or None, project_dir=run_dir)
     world, cfg_train, cfg_obj = accelerator.num_processes, config.train, config.objective
     if cfg_train.prompts_per_step % (world * cfg_train.mini_batches):
-        raise ValueError(f"train.prompts_per_step={cfg_train.prompts_per_step} must be divisible by "
-                         f"train.mini_batches ({cfg_train.mini_batches}) x the number of processes ({world}), so that "
-                         "every mini-batch holds whole groups and every group stays on one process")
+        raise ConfigError(f"train.prompts_per_step={cfg_train.prompts_per_step} must be divisible by "
+                          f"train.mini_batches ({cfg_train.mini_batches}) x the number of processes ({world}), so that "
+                          "every mini-batch holds whole groups and every group stays on one process")
     torch.manual_seed(cfg_train.seed)
 
     task = get_task(config.task.name, **config.task.options)
@@ -120,7 +132,7 @@ def setup(config: RunConfig, *, resume: str | Path | None = None) -> Run:
     eval_tasks = [get_task(name) for name in config.task.eval_tasks]
     max_new_tokens = config.rollout.max_new_tokens or task.max_new_tokens
 
-    policy, tokenizer = load_policy(config.model, accelerator.device)
+    policy, tokenizer = load_checked(config.model, accelerator.device, progress=config.output.progress)
     reference = Reference(policy, config.model.lora) if cfg_obj.reference == "fixed" else None
     objective = create_objective(cfg_obj, max_completion_length=max_new_tokens)
     trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -138,28 +150,49 @@ def setup(config: RunConfig, *, resume: str | Path | None = None) -> Run:
                              cache_dir=Path(config.output.dir) / ".ref_cache")
 
     state = {"step": 0, "samples": 0, "trained": 0, "optimizer_steps": 0, "elapsed_s": 0.0, "processes": world}
+    lock = None
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
+        lock = run_folder.open_locked(run_dir, resume=bool(resume), overwrite=overwrite)
+        if not resume:
+            save_config(config, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
-    last = ckpt.latest_checkpoint(run_dir / "checkpoints") if resume else None
-    if last is not None:
-        state, sampler_state = ckpt.load_checkpoint(last, model=model, optimizer=optimizer, scheduler=scheduler,
-                                                    reference_model=reference.model if reference else None)
-        sampler.load_state(sampler_state)
-    log = None
-    if accelerator.is_main_process:
-        log = MetricsLog(run_dir, accelerator)
-        log.truncate_after(state["step"])
-    accelerator.init_trackers("tensorboard", config=flat_config(config))
+    with run_folder.released_on_error(lock):
+        last = run_folder.resume_point(run_dir, say=say if accelerator.is_main_process else None) if resume else None
+        if last is not None:
+            state, sampler_state = ckpt.load_checkpoint(last, model=model, optimizer=optimizer, scheduler=scheduler,
+                                                        reference_model=reference.model if reference else None)
+            sampler.load_state(sampler_state)
+        log = None
+        if accelerator.is_main_process:
+            log = MetricsLog(run_dir, accelerator)
+            log.truncate_after(state["step"] if last is not None else -1)
+            if resume:
+                run_folder.record_resume(run_dir, state["step"], changed)
+        accelerator.init_trackers("tensorboard", config=flat_config(config))
     return Run(config, accelerator, task, reward_fn, eval_tasks, policy, tokenizer, reference, objective, optimizer,
                scheduler, engine, SamplingParams(max_new_tokens, config.rollout.temperature, config.rollout.top_p),
-               sampler, run_dir, state, log)
+               sampler, run_dir, state, log, lock)
 
 
-def train(config: RunConfig, *, resume: str | Path | None = None) -> Path:
-    """Train with ``config``; returns the run folder. ``resume`` = a run folder to continue."""
-    run = setup(config, resume=resume)
+def train(config: RunConfig, *, resume: str | Path | None = None, overwrite: bool = False,
+          allow_changes: tuple = ()) -> Path:
+    """Train with ``config``; returns the run folder. ``resume`` = a run folder to continue; ``overwrite``
+    replaces a finished or abandoned run in the same folder. SIGTERM/Ctrl-C end the run after a checkpoint
+    with :class:`gvpo.interrupt.Interrupted` (see :mod:`gvpo.interrupt`)."""
+    run = setup(config, resume=resume, overwrite=overwrite, allow_changes=allow_changes)
+    with run_folder.held(run.lock), StopRequests() as stop:
+        try:
+            run_loop(run, stop)
+        except KeyboardInterrupt:  # a second signal (or Ctrl-C without handlers): no new checkpoint
+            last = ckpt.manifest.newest_intact(run.run_dir / "checkpoints", hashes=False)[0]
+            raise Interrupted(f"stopped at once in step {run.state['step'] + 1}; "
+                              + resume_hint(run.run_dir, last), stop.signum or signal.SIGINT) from None
+    return run.run_dir
+
+
+def run_loop(run: Run, stop: StopRequests) -> None:
+    """The steps of :func:`train`, from the run's current step to ``train.max_steps``, then :func:`finish`."""
+    config = run.config
     cfg_train, accelerator, state = config.train, run.accelerator, run.state
     rank, world = accelerator.process_index, accelerator.num_processes
     if state["step"] == 0 and run.log:
@@ -168,7 +201,7 @@ def train(config: RunConfig, *, resume: str | Path | None = None) -> Path:
     bar = tqdm(total=cfg_train.max_steps, initial=state["step"], desc="gvpo",
                disable=not (config.output.progress and accelerator.is_main_process))
     start = time.perf_counter() - state["elapsed_s"]
-    while state["step"] < cfg_train.max_steps:
+    while state["step"] < cfg_train.max_steps and not stop.requested(accelerator):
         step = state["step"]
         # 1. sample: this process's share of the step's prompts, whole groups only, in mini-batch order
         rows = process_rows(step_rows(run.task.train, step, cfg_train.prompts_per_step, cfg_train.seed), rank, world,
@@ -180,6 +213,9 @@ def train(config: RunConfig, *, resume: str | Path | None = None) -> Path:
         scored = [g.with_rewards(r) for g, r in zip(groups, score(groups, run.reward_fn, state))]
         groups = [g.scored() for g in scored]
         dropped = sum(len(a) - len(b) for a, b in zip(scored, groups))
+        if nothing_scored(groups, accelerator):  # every completion's reward is None: no update, step counted
+            skip_step(run, step, generated, dropped, bar)
+            continue
 
         # 3. one batch per mini-batch of whole groups, with reference log-probs (fixed reference); with
         #    several mini-batches, pi_old and a rollout reference are taken now, before any update moves the policy
@@ -230,8 +266,52 @@ def train(config: RunConfig, *, resume: str | Path | None = None) -> Path:
         if cfg_train.checkpoint_every and (step + 1) % cfg_train.checkpoint_every == 0:
             save_checkpoint(run)
     bar.close()
+    if stop.signum is not None:
+        stop_with_checkpoint(run, stop.signum)
     finish(run)
-    return run.run_dir
+
+
+def say(message: str) -> None:
+    print(f"gvpo: {message}", file=sys.stderr, flush=True)
+
+
+def nothing_scored(groups: list[Group], accelerator) -> bool:
+    """Whether no process has a completion with a reward this step."""
+    count = torch.tensor([float(sum(len(g) for g in groups))], device=accelerator.device)
+    return float(accelerator.reduce(count, "sum")[0]) == 0
+
+
+def skip_step(run: Run, step: int, generated: int, dropped: int, bar) -> None:
+    """A step whose every completion was dropped: no update; the step, its samples and ``skipped_steps`` count."""
+    accelerator, state, cfg_train = run.accelerator, run.state, run.config.train
+    totals = accelerator.reduce(torch.tensor([float(generated), float(dropped)], device=accelerator.device), "sum")
+    state["samples"] += int(totals[0].item())
+    state["skipped_steps"] = state.get("skipped_steps", 0) + 1
+    state["step"] = step + 1
+    if accelerator.is_main_process:
+        say(f"step {step + 1}: every reward was None ({int(totals[1].item())} completions dropped); step skipped "
+            f"({state['skipped_steps']} so far)")
+    row = {"step": step + 1, "samples": state["samples"], "completions_trained": state["trained"],
+           "reward_none": int(totals[1].item()), "skipped_steps": state["skipped_steps"],
+           "lr": run.scheduler.get_last_lr()[0], "time_s": state["elapsed_s"]}
+    if cfg_train.eval_every and (step + 1) % cfg_train.eval_every == 0 or step + 1 == cfg_train.max_steps:
+        row.update(evaluate_all(run, step + 1))
+    if run.log:
+        run.log.log(row)
+    bar.update(1)
+    if cfg_train.checkpoint_every and (step + 1) % cfg_train.checkpoint_every == 0:
+        save_checkpoint(run)
+
+
+def stop_with_checkpoint(run: Run, signum: int) -> None:
+    """After a SIGTERM/Ctrl-C: checkpoint the finished steps (unless the last one is saved), raise Interrupted."""
+    step = run.state["step"]
+    path = run.run_dir / "checkpoints" / f"step-{step:06d}"
+    if not path.exists():
+        save_checkpoint(run)
+    run.accelerator.end_training()
+    raise Interrupted(f"stopped by {signal.Signals(signum).name} after step {step}; "
+                      + resume_hint(run.run_dir, path), signum)
 
 
 def process_rows(rows: list, rank: int, world: int, mini_batches: int) -> list:
@@ -250,12 +330,16 @@ def process_rows(rows: list, rank: int, world: int, mini_batches: int) -> list:
 def score(groups: list[Group], reward_fn, state: dict | None = None) -> list[list]:
     """Rewards per group, one per completion: given ones kept, the rest from ``reward_fn`` (called with
     TRL's keywords, see :mod:`gvpo.rewards`; ``state`` is the trainer state; ``None`` = the completion
-    cannot be scored). Nothing is changed in ``groups``."""
+    cannot be scored). Nothing is changed in ``groups``. A reward that raises or returns something unusable is a
+    ``RewardError`` naming it and the step."""
     todo = [(g, i) for g in groups for i in range(len(g)) if g.rewards[i] is None]
     columns = {key: [g.row.get(key) for g, _ in todo] for key in (todo[0][0].row if todo else {}) if key != "prompt"}
-    values = reward_fn(prompts=[g.row["prompt"] for g, _ in todo], completions=[g.texts[i] for g, i in todo],
-                       completion_ids=[g.completion_ids[i] for g, i in todo], trainer_state=state,
-                       **columns) if todo else []
+    try:
+        values = reward_fn(prompts=[g.row["prompt"] for g, _ in todo], completions=[g.texts[i] for g, i in todo],
+                           completion_ids=[g.completion_ids[i] for g, i in todo], trainer_state=state,
+                           **columns) if todo else []
+    except RewardError as err:
+        raise RewardError(f"step {state['step'] + 1}: {err}" if state else str(err)) from err
     for (g, i), v in zip(todo, values):
         if v is not None and not math.isfinite(v):
             raise NonFiniteError(f"reward {v} for completion {g.texts[i]!r} of prompt {g.row['prompt']!r}: rewards "
@@ -304,6 +388,7 @@ def finish(run: Run) -> None:
         save_checkpoint(run)
     if run.accelerator.is_main_process:
         save_pretrained(run.model, run.tokenizer, run.run_dir / "final")
+        run_folder.share_like_umask(run.run_dir / "final")  # safetensors writes 0600
         if run.config.output.plots:
             plot_metrics(read_metrics(run.run_dir / "metrics.jsonl"), run.run_dir / "plots.png", title=run.run_dir.name)
     run.accelerator.wait_for_everyone()

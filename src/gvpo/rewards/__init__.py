@@ -29,6 +29,7 @@ import inspect
 import threading
 from typing import Any, Callable, Sequence
 
+from ..reward_checks import call_checked, check_values
 from .base import REWARDS, RewardFn, TrainerState, completion_text, is_conversational, resolve
 
 __all__ = ["REWARDS", "RewardFn", "TrainerState", "call_with_timeout", "combine", "completion_text",
@@ -90,10 +91,7 @@ def call_with_timeout(fn: Callable[[], Any], name: str, timeout_s: float, *, thr
 
 
 def _check(values: Any, name: str, n: int) -> list:
-    values = list(values)
-    if len(values) != n:
-        raise ValueError(f"reward {name!r} returned {len(values)} values for {n} completions")
-    return values
+    return check_values(name, values, n)  # RewardError naming the reward and what it returned
 
 
 def combine(names: Sequence[str | RewardFn], weights: Sequence[float] | None = None, timeout_s: float = 0) -> RewardFn:
@@ -137,7 +135,7 @@ def combine(names: Sequence[str | RewardFn], weights: Sequence[float] | None = N
             if _is_async(fn):
                 coroutines.append((i, fn, args))
                 continue
-            out = call_with_timeout(lambda: fn(**args), repr(label), timeout_s)
+            out = call_checked(call_with_timeout, label, lambda: fn(**args), repr(label), timeout_s)
             if inspect.isawaitable(out):  # a sync callable that returned a coroutine
                 coroutines.append((i, None, out))
                 continue
@@ -147,8 +145,8 @@ def combine(names: Sequence[str | RewardFn], weights: Sequence[float] | None = N
                 return await asyncio.gather(*(fn(**args) if fn is not None else args for _, fn, args in coroutines))
 
             which = ", ".join(repr(labels[i]) for i, _, _ in coroutines)
-            for (i, _, _), out in zip(coroutines, call_with_timeout(lambda: asyncio.run(gather()), which, timeout_s,
-                                                                    thread=True)):
+            for (i, _, _), out in zip(coroutines, call_checked(call_with_timeout, which, lambda: asyncio.run(gather()),
+                                                               which, timeout_s, thread=True)):
                 values[i] = _check(out, labels[i], n)
         total: list = [0.0] * n
         for weight, vs in zip(weights, values):
