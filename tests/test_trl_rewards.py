@@ -140,7 +140,7 @@ def _train(tmp: Path, model: str, data: Path, rewards: list[str]) -> list[dict]:
         "task.options": {"path": str(data), "rewards": rewards + ["trl_style.record"], "test_size": 2},
         "train.max_steps": 2, "train.prompts_per_step": 2, "rollout.k": 4, "rollout.max_new_tokens": 4,
         "train.eval_every": 0, "train.eval_n": 2, "train.checkpoint_every": 0, "output.dir": str(tmp),
-        "output.name": "run", "output.progress": False, "output.tensorboard": False, "output.plots": False})
+        "output.name": "run", "output.progress": False, "output.report_to": [], "output.plots": False})
     run = train(config)
     return [r for r in read_metrics(run / "metrics.jsonl") if "reward_mean" in r]
 
