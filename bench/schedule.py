@@ -23,7 +23,7 @@ Objectives (all with ``reference: rollout``):
   no KL term (``kl_coef=0``, TRL's default ``beta=0``).
 
     python bench/schedule.py --quick        # 1 seed, 10 steps
-    python bench/schedule.py                # 5 seeds x 20 steps x lrs 1e-4, 3e-4 (60 runs)
+    python bench/schedule.py                # 5 seeds x 20 steps x lrs 3e-5, 1e-4, 3e-4 (90 runs)
 
 Writes ``schedule.md``, ``schedule.png`` and ``schedule.json`` to ``--output-dir`` (default
 ``bench/out/schedule``); finished runs under ``runs/`` are reused (``--fresh`` removes them).
@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--objectives", default="gvpo,dr_grpo,grpo", help=f"comma-separated, of {', '.join(OBJECTIVES)}")
     p.add_argument("--mini-batches", default="1,4", help="comma-separated train.mini_batches values")
-    p.add_argument("--lrs", default="1e-4,3e-4", help="comma-separated learning rates: a stable one and one 3x higher")
+    p.add_argument("--lrs", default="3e-5,1e-4,3e-4", help="comma-separated learning rates (the demo uses 1e-4)")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 5; --quick: 1)")
     p.add_argument("--steps", type=int, default=None, help="rollout steps per run (default 20; --quick: 10)")
     p.add_argument("--prompts-per-step", type=int, default=16, help="train.prompts_per_step (divisible by mini-batches)")
