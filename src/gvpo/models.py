@@ -11,6 +11,7 @@ from accelerate.utils import extract_model_from_parallel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .config import ModelConfig
+from .sharding import gathered_state_dict
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -89,7 +90,7 @@ class Reference:
         if self.lora:
             raise ValueError("objective.ref_sync_steps needs a full-weight policy; with model.lora the "
                              "reference is the base model and cannot move")
-        self.model.load_state_dict(extract_model_from_parallel(policy).state_dict())
+        self.model.load_state_dict(gathered_state_dict(policy))
 
     def state_dict(self) -> dict:
         return {} if self.lora else self.model.state_dict()
@@ -108,10 +109,11 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def save_pretrained(model: torch.nn.Module, tokenizer, path: Path) -> None:
-    """Save a folder loadable by plain ``AutoModelForCausalLM.from_pretrained`` (LoRA merged)."""
+def save_pretrained(model: torch.nn.Module, tokenizer, path: Path, state_dict: dict | None = None) -> None:
+    """Save a folder loadable by plain ``AutoModelForCausalLM.from_pretrained`` (LoRA merged). ``state_dict``:
+    the full weights when ``model`` holds only shards (:func:`gvpo.sharding.full_state_dict`)."""
     model = extract_model_from_parallel(model)
     if hasattr(model, "merge_and_unload"):
-        model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(path, safe_serialization=True)
+        model, state_dict = copy.deepcopy(model).merge_and_unload(), None
+    model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(path)

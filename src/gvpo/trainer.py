@@ -37,6 +37,7 @@ from .objectives import create_objective
 from .rewards import combine
 from .rollout import SamplingParams, create_engine
 from .samplers import create_sampler, step_rows
+from .sharding import SHARDABLE, full_state_dict, shard
 from .tasks import get_task
 from .update import NonFiniteError, update
 
@@ -58,7 +59,7 @@ def fused_adam_ok(params, accelerator: Accelerator) -> bool:
     parameters, the default stays."""
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     return bool(params) and not sharded and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
-                                                for p in params)
+                                                and type(p) is torch.nn.Parameter for p in params)  # no DTensor
 
 
 def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
@@ -120,13 +121,22 @@ def setup(config: RunConfig, *, resume: str | Path | None = None) -> Run:
 
     policy, tokenizer = load_policy(config.model, accelerator.device)
     reference = Reference(policy, config.model.lora) if cfg_obj.reference == "fixed" else None
+    shard_here = cfg_train.fsdp and world > 1 and accelerator.distributed_type in SHARDABLE
+    if cfg_train.fsdp and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError("train.fsdp with a DeepSpeed accelerate config: DeepSpeed partitions the model itself; "
+                         "drop train.fsdp or use an FSDP config")
+    if shard_here:  # accelerate prepared no sharding (CPU processes, plain DDP): torch's fully_shard does it
+        shard(policy)
     objective = create_objective(cfg_obj)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.optim.lr, betas=(config.optim.adam_beta1, config.optim.adam_beta2),
                                   weight_decay=config.optim.weight_decay,
                                   fused=fused_adam_ok(trainable, accelerator) or None)
     scheduler = make_scheduler(optimizer, config.optim.scheduler, config.optim.warmup_steps, cfg_train.max_steps)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
+    if shard_here:  # wrapping the sharded model in DDP as well would all-reduce DTensor gradients
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        policy, optimizer = accelerator.prepare(policy, optimizer)
     model = accelerator.unwrap_model(policy)
     engine = create_engine(config.rollout.engine, model, tokenizer, share_prompts=cfg_train.share_prompts,
                            gpu_memory_utilization=config.rollout.vllm_gpu_memory_utilization)
@@ -141,8 +151,10 @@ def setup(config: RunConfig, *, resume: str | Path | None = None) -> Run:
     accelerator.wait_for_everyone()
     last = ckpt.latest_checkpoint(run_dir / "checkpoints") if resume else None
     if last is not None:
-        state, sampler_state = ckpt.load_checkpoint(last, model=model, optimizer=optimizer, scheduler=scheduler,
+        state, sampler_state = ckpt.load_checkpoint(last, accelerator=accelerator, policy=policy, optimizer=optimizer,
+                                                    scheduler=scheduler,
                                                     reference_model=reference.model if reference else None)
+        state["processes"] = world
         sampler.load_state(sampler_state)
     log = None
     if accelerator.is_main_process:
@@ -254,16 +266,13 @@ def evaluate_all(run: Run, step: int) -> dict:
 
 
 def save_checkpoint(run: Run) -> None:
-    """Atomic checkpoint of the current step (main process writes; all processes wait)."""
-    accelerator, reference = run.accelerator, run.reference
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        keep_reference = reference is not None and run.config.objective.ref_sync_steps
-        ckpt.save_checkpoint(run.run_dir / "checkpoints", run.state["step"], model=run.model, optimizer=run.optimizer,
-                             scheduler=run.scheduler, trainer_state=run.state, keep=run.config.train.keep_checkpoints,
-                             reference_state=reference.state_dict() if keep_reference else None,
-                             sampler_state=run.sampler.state())
-    accelerator.wait_for_everyone()
+    """Atomic checkpoint of the current step: every process writes its shards, the main process the rest."""
+    reference = run.reference
+    keep_reference = reference is not None and run.config.objective.ref_sync_steps and run.accelerator.is_main_process
+    ckpt.save_checkpoint(run.run_dir / "checkpoints", run.state["step"], accelerator=run.accelerator, policy=run.policy,
+                         optimizer=run.optimizer, scheduler=run.scheduler, trainer_state=run.state,
+                         keep=run.config.train.keep_checkpoints, sampler_state=run.sampler.state(),
+                         reference_state=reference.state_dict() if keep_reference else None)
 
 
 def finish(run: Run) -> None:
@@ -271,8 +280,9 @@ def finish(run: Run) -> None:
     every = run.config.train.checkpoint_every
     if not (every and run.state["step"] % every == 0):
         save_checkpoint(run)
+    weights = full_state_dict(run.policy, run.accelerator)  # gathered from every process's shards
     if run.accelerator.is_main_process:
-        save_pretrained(run.model, run.tokenizer, run.run_dir / "final")
+        save_pretrained(run.model, run.tokenizer, run.run_dir / "final", state_dict=weights)
         if run.config.output.plots:
             plot_metrics(read_metrics(run.run_dir / "metrics.jsonl"), run.run_dir / "plots.png", title=run.run_dir.name)
     run.accelerator.wait_for_everyone()
