@@ -64,7 +64,10 @@ def full_state_dict(model: torch.nn.Module, accelerator) -> dict:
     inner = extract_model_from_parallel(model)
     if not is_sharded(inner):
         return inner.state_dict() if accelerator.is_main_process else {}
-    return get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # gathered tied weights are separate copies, which save_pretrained would keep twice: keep the first name
+    aliases = {n for n, _ in inner.named_parameters(remove_duplicate=False)} - {n for n, _ in inner.named_parameters()}
+    return {k: v for k, v in state.items() if k not in aliases}
 
 
 def gathered_state_dict(model: torch.nn.Module) -> dict:

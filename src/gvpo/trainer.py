@@ -171,8 +171,10 @@ def train(config: RunConfig, *, resume: str | Path | None = None) -> Path:
     run = setup(config, resume=resume)
     cfg_train, accelerator, state = config.train, run.accelerator, run.state
     rank, world = accelerator.process_index, accelerator.num_processes
-    if state["step"] == 0 and run.log:
-        run.log.log({"step": 0, "samples": 0, "time_s": 0.0, **evaluate_all(run, 0)})
+    if state["step"] == 0:
+        initial = evaluate_all(run, 0)  # on every process: each forward of a sharded policy is a collective
+        if run.log:
+            run.log.log({"step": 0, "samples": 0, "time_s": 0.0, **initial})
 
     bar = tqdm(total=cfg_train.max_steps, initial=state["step"], desc="gvpo",
                disable=not (config.output.progress and accelerator.is_main_process))
