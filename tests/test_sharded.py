@@ -69,10 +69,16 @@ def _finish(proc: subprocess.Popen) -> None:
     assert proc.returncode == 0, out[-4000:]
 
 
+def _one(args: list[str]) -> None:
+    """``gvpo train ARGS`` in 1 process with GPUs hidden (on a GPU machine the comparison stays CPU to CPU)."""
+    _finish(_cli(["train", *args], env={"CUDA_VISIBLE_DEVICES": ""}))
+
+
 @pytest.fixture(scope="module")
 def one(model_dir, runs) -> Path:
     """1 process, float32, 4 steps."""
-    return train(load_config(None, overrides(model_dir, runs, "one", **STEPS)))
+    _one(_kv(overrides(model_dir, runs, "one", **STEPS)))
+    return runs / "one"
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +143,7 @@ def test_sharded_run_killed_after_its_step_2_checkpoint_resumes_to_the_same_para
 def test_a_sharded_checkpoint_resumes_in_one_process_and_the_reverse(one, two, runs):
     """2 sharded processes -> 1 process, and 1 process -> 2 sharded processes, from the step-2 checkpoint."""
     down = _copy_at_step_2(two, runs / "two-then-one")
-    train(load_config(down / "config.yaml"), resume=down)
+    _one(["--resume", str(down)])
     assert_same_params(final_params(two), final_params(down), atol=ACROSS_PROCESS_COUNTS)
     assert [r["step"] for r in read_metrics(down / "metrics.jsonl")] == [0, 1, 2, 3, 4]
 

@@ -89,6 +89,9 @@ def save_checkpoint(ckpt_dir: Path, step: int, *, accelerator, policy, optimizer
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    if not tmp.is_dir():  # several nodes: every process must see the folder the main process made
+        raise RuntimeError(f"process {rank} cannot see {tmp}, which the main process created: with several nodes "
+                           "output.dir must be on storage every node shares (NFS, Lustre, ...)")
     param_groups = None
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         policy.save_checkpoint(str(tmp / DEEPSPEED), tag="engine")  # every rank its partitions

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedType
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -37,7 +38,7 @@ from .objectives import create_objective
 from .rewards import combine
 from .rollout import SamplingParams, create_engine
 from .samplers import create_sampler, step_rows
-from .sharding import SHARDABLE, full_state_dict, shard
+from .sharding import SHARDABLE, full_state_dict, is_sharded, shard
 from .tasks import get_task
 from .update import NonFiniteError, update
 
@@ -107,6 +108,8 @@ def setup(config: RunConfig, *, resume: str | Path | None = None) -> Run:
     run_dir = Path(resume) if resume else run_dir_for(config)
     report_to = [t for t in config.output.report_to if t != "none"]
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=report_to or None, project_dir=run_dir)
+    if accelerator.num_processes > 1:  # the dated default name comes from each process's clock: take the main one's
+        run_dir = Path(broadcast_object_list([str(run_dir)])[0])
     world, cfg_train, cfg_obj = accelerator.num_processes, config.train, config.objective
     if cfg_train.prompts_per_step % world:
         raise ValueError(f"train.prompts_per_step={cfg_train.prompts_per_step} must be divisible by the "
@@ -198,6 +201,7 @@ def train(config: RunConfig, *, resume: str | Path | None = None) -> Path:
             batch.ref_token_logps = reference_token_logps(run, groups, batch)
 
         # 4. update on whole-group statistics
+        check_micro_batches(run, batch)
         for _ in range(cfg_train.updates_per_batch):
             stats = update(run.policy, run.optimizer, batch, run.objective, micro_batch_size=cfg_train.micro_batch_size,
                            share_prompts=cfg_train.share_prompts, max_grad_norm=config.optim.max_grad_norm,
@@ -231,6 +235,19 @@ def train(config: RunConfig, *, resume: str | Path | None = None) -> Path:
     bar.close()
     finish(run)
     return run.run_dir
+
+
+def check_micro_batches(run: Run, batch: Batch) -> None:
+    """A sharded policy's every forward is a collective, so all processes must run as many micro-batches; with
+    completions dropped (``None`` rewards) their row counts, and so their micro-batch counts, can differ."""
+    size, accelerator = run.config.train.micro_batch_size, run.accelerator
+    if not size or accelerator.num_processes == 1 or not is_sharded(run.policy):
+        return
+    counts = accelerator.gather(torch.tensor([-(-len(batch) // size)], device=accelerator.device))
+    if int(counts.min()) != int(counts.max()):
+        raise RuntimeError(f"sharded training: the processes have {counts.tolist()} micro-batches this step (rows "
+                           f"{len(batch)} here, train.micro_batch_size={size}); every process must run the same "
+                           "number of forward passes. Use train.micro_batch_size=0 (one pass per process)")
 
 
 def score(groups: list[Group], reward_fn) -> list[list]:
