@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--preset", default="qwen25_math_rm8", choices=sorted(RECIPES),
                    help="which file and recipe (default qwen25_math_rm8)")
     p.add_argument("--config", default=None, help="recipe (default: configs/<the preset's recipe>)")
-    p.add_argument("--data", default=None, help="the file (default: the preset's file in the shared data dir)")
+    p.add_argument("--data", default=None, help="the file (default: the preset's file in tests/data)")
     p.add_argument("--limit", type=int, default=None, help="use only the file's first N prompts")
     p.add_argument("--out", default=None, help="work folder (splits, model, run, results); "
                                                "default runs/bench-offline-real-<preset>")
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     times = {}
     args.config = args.config or str(REPO / "configs" / RECIPES[args.preset])
     out = Path(args.out or f"runs/bench-offline-real-{args.preset}")
-    data = Path(args.data) if args.data else bom.default_data(args.preset)
+    data = Path(args.data) if args.data else REPO / "tests" / "data" / Path(*bom.DEFAULT_FILES[args.preset])
     n_lines = sum(1 for ln in data.read_text(encoding="utf-8").splitlines() if ln.strip())
     used = min(args.limit or n_lines, n_lines)
     held_out = args.held_out if args.held_out is not None else round(0.2 * used)

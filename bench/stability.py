@@ -20,7 +20,8 @@ under ``runs/`` and a finished run is reused when the sweep is started again (``
     python bench/stability.py --lrs 1e-3,1e-2 --seeds 2 --steps 20 objective.beta=0.05
 
 Objective settings are the library defaults (GVPO: beta 0.1, fixed reference; GRPO: clip 0.2, k3 KL
-coefficient 0.04, sequence_mean aggregation) unless overridden with ``key=value`` (shared by all runs).
+coefficient 0.04 with TRL's bias correction, ``grpo`` aggregation, group-scaled rewards) unless
+overridden with ``key=value`` (shared by all runs).
 """
 
 from __future__ import annotations

@@ -24,7 +24,14 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO / "src") not in sys.path:
     sys.path.insert(0, str(REPO / "src"))
 
-from gvpo.offline_model import DEFAULT_OUT, build_offline_model, default_data  # noqa: E402
+from gvpo.offline_model import DEFAULT_FILES, DEFAULT_OUT, build_offline_model  # noqa: E402
+
+
+def default_data(preset: str) -> Path:
+    """The preset's rated file in ``<repo>/tests/data``; exits naming the preset if it has none."""
+    if preset not in DEFAULT_FILES:
+        raise SystemExit(f"no default file for preset {preset!r}; pass --data")
+    return REPO / "tests" / "data" / Path(*DEFAULT_FILES[preset])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,8 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="qwen25_math_rm8",
                    help="gvpo.data preset of the file (default qwen25_math_rm8; also gsm8k_model_solutions)")
     p.add_argument("--data", default=None,
-                   help="the offline file; default: the preset's file in the shared data dir ($GVPO_DATA_DIR or "
-                        "<repo>/../shared/data)")
+                   help="the offline file; default: the preset's file in <repo>/tests/data")
     p.add_argument("--out", default=None, help="output folder (default runs/offline-models/rm8 for qwen25_math_rm8, "
                                                "runs/offline-models/gsm8k for gsm8k_model_solutions, else "
                                                "runs/offline-models/<preset>)")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from gvpo.data import (
     main_check,
 )
 
-DATA_DIR = Path(os.environ.get("GVPO_DATA_DIR") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
+DATA_DIR = Path(__file__).resolve().parent / "data"  # the rated files, see each folder's SOURCE.md
 GSM8K_SOLUTIONS = DATA_DIR / "gsm8k_model_solutions" / "example_model_solutions.head300.jsonl"
 QWEN_RM8 = DATA_DIR / "qwen25_math_rm8" / "math_cot_100.jsonl"
 
@@ -310,8 +309,7 @@ def test_too_long_error_names_line_and_field(tmp_path):
 
 
 def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"real data not found at {path} (set GVPO_DATA_DIR)")
+    assert path.is_file(), f"test data missing: {path}"
     return path
 
 
@@ -458,3 +456,33 @@ def test_fingerprint_model_dtypes_and_directory(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
     assert fingerprint_model(str(tmp_path)) != a
     assert not math.isnan(len(a)) and len(a) == 64
+
+
+def test_offline_data_from_gzip_a_load_dataset_mapping_and_a_hub_id(tmp_path, monkeypatch):
+    import gzip
+
+    import datasets
+
+    plain = write_jsonl(tmp_path / "g.jsonl", GROUPED)
+    with gzip.open(tmp_path / "g.jsonl.gz", "wb") as f:
+        f.write(plain.read_bytes())
+    want = [(g.prompt, g.completions, g.rewards) for g in load_offline(plain)[0]]
+    got_gz = [(g.prompt, g.completions, g.rewards) for g in load_offline(tmp_path / "g.jsonl.gz")[0]]
+    got_map = [(g.prompt, g.completions, g.rewards)
+               for g in load_offline({"path": "json", "data_files": str(plain)})[0]]
+    assert got_gz == want and got_map == [(p, c, [float(x) for x in r]) for p, c, r in want]
+
+    seen = []
+
+    hub_rows = GROUPED[:2]
+
+    def fake_load_dataset(**kwargs):
+        seen.append(kwargs)
+        return datasets.DatasetDict({"train": datasets.Dataset.from_list(hub_rows)})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    groups, summary = load_offline("someone/rated-completions")
+    assert seen == [{"path": "someone/rated-completions"}] and summary.prompts == 2
+    before = fingerprint_file("someone/rated-completions")  # of the rows: changes when they change
+    hub_rows = GROUPED[:1]
+    assert fingerprint_file("someone/rated-completions") != before

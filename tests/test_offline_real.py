@@ -1,4 +1,4 @@
-"""Offline GVPO on slices of the real rated files in shared/data (issue 4), end to end.
+"""Offline GVPO on slices of the real rated files in tests/data (issue 4), end to end.
 
 Each test builds a byte-level BPE tokenizer and a tiny random-init Llama from the slice with
 ``gvpo.offline_model`` (in tmp, no download), trains through ``gvpo.trainer.train`` with
@@ -15,8 +15,6 @@ Slices (chosen for CPU time, not for how well they fit):
   below 1 (0.68 for the worst), so they would test the data rather than the method.
   ``bench/offline_real.py`` runs the whole file and reports that ceiling.
 * gsm8k_model_solutions: the file's first 12 questions (8 with mixed correctness, 4 all-wrong).
-
-Skipped only when the shared data directory is absent ($GVPO_DATA_DIR or <repo>/../shared/data).
 """
 
 from __future__ import annotations
@@ -44,16 +42,9 @@ STEPS_GSM8K = 45
 build_script = tiny.load_script("scripts/build_offline_model.py")  # its command line, tested below
 
 
-def shared_file(*parts: str) -> Path:
-    from gvpo.data_paths import shared_data_dir
-
-    try:
-        path = shared_data_dir().joinpath(*parts)
-    except FileNotFoundError as err:
-        pytest.skip(f"real offline data not available: {err}")
-    if not path.exists():
-        pytest.skip(f"real offline data not available: {path} does not exist")
-    return path
+def data_file(*parts: str) -> Path:
+    """A file of the rated test data in ``tests/data`` (see each folder's SOURCE.md)."""
+    return REPO / "tests" / "data" / Path(*parts)
 
 
 def train_on_slice(tmp: Path, data: Path, preset: str, select: list[int], *, max_new_tokens: int, steps: int,
@@ -83,7 +74,7 @@ def train_on_slice(tmp: Path, data: Path, preset: str, select: list[int], *, max
 
 
 def test_rm8_slice_implicit_rewards_match_reward_model_scores(tmp_path, one_thread):
-    data = shared_file("qwen25_math_rm8", "math_cot_100.jsonl")
+    data = data_file("qwen25_math_rm8", "math_cot_100.jsonl")
     result, rows, groups = train_on_slice(tmp_path, data, "qwen25_math_rm8", RM8_SLICE, max_new_tokens=384,
                                           steps=STEPS_RM8, prompts_per_step=2)
     assert all(len(set(g.completions)) == g.k == 8 for g in groups)  # nothing over 384 tokens was skipped
@@ -96,7 +87,7 @@ def test_rm8_slice_implicit_rewards_match_reward_model_scores(tmp_path, one_thre
 
 
 def test_gsm8k_solutions_slice_implicit_rewards_match_correctness(tmp_path, one_thread):
-    data = shared_file("gsm8k_model_solutions", "example_model_solutions.head300.jsonl")
+    data = data_file("gsm8k_model_solutions", "example_model_solutions.head300.jsonl")
     result, rows, groups = train_on_slice(tmp_path, data, "gsm8k_model_solutions", GSM8K_SLICE,
                                           max_new_tokens=256, steps=STEPS_GSM8K, prompts_per_step=4)
     assert all(set(g.rewards) <= {0.0, 1.0} for g in groups)
@@ -110,7 +101,7 @@ def test_gsm8k_solutions_slice_implicit_rewards_match_correctness(tmp_path, one_
 
 def test_build_script_round_trips_and_reports_lengths(tmp_path):
     """The command line writes a folder the Auto classes load, with the chat template and length report."""
-    data = shared_file("qwen25_math_rm8", "math_cot_100.jsonl")
+    data = data_file("qwen25_math_rm8", "math_cot_100.jsonl")
     small = tmp_path / "rm8.jsonl"
     small.write_text("".join(data.read_text(encoding="utf-8").splitlines(keepends=True)[:3]), encoding="utf-8")
     out = tmp_path / "model"

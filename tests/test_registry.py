@@ -248,3 +248,16 @@ def test_registry_iterates_sorted_and_supports_in():
         r.register(name)(name)
     assert list(r) == ["a", "b", "c"] and r.names() == ["a", "b", "c"]
     assert "a" in r and "z" not in r
+
+
+def test_dotted_paths_find_modules_in_the_working_directory(tmp_path, monkeypatch):
+    """The ``gvpo`` command's folder is on sys.path, the user's is not: ``my_rewards.f`` still resolves."""
+    import sys
+
+    (tmp_path / "my_cwd_rewards.py").write_text("def f(completions, **kwargs):\n    return [1.0] * len(completions)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    r = Registry("reward")
+    assert r.resolve("my_cwd_rewards.f")(completions=["a"]) == [1.0]
+    with pytest.raises(KeyError, match="No module named 'no_such_module_here'.*working directory"):
+        r.resolve("no_such_module_here.f")

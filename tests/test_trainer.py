@@ -130,10 +130,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(model_dir, tmp_path):
     assert resumed_rows == straight_rows
 
 
-def test_two_processes_match_one(model_dir, tmp_path):
+@pytest.mark.parametrize("mini_batches", [1, 2])
+def test_two_processes_match_one(model_dir, tmp_path, mini_batches):
     """2 CPU processes (gloo) and 1 process, same global batch and seed: same parameters. GPUs are
     hidden, so the test means the same on a machine with one GPU (two NCCL ranks cannot share it)."""
-    f64 = {"train.max_steps": 3, "model.dtype": "float64"}
+    f64 = {"train.max_steps": 3, "model.dtype": "float64", "train.mini_batches": mini_batches}
     cpu_only = {"CUDA_VISIBLE_DEVICES": ""}
     args = _kv(overrides(model_dir, tmp_path, "one", **f64))
     one = _cli(["train", *args], env=cpu_only)

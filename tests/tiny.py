@@ -1,5 +1,5 @@
-"""Tiny models and tasks built locally for tests (no download): a character tokenizer and a
-2-layer Llama from a config, plus a one-digit addition task."""
+"""Tiny models and tasks built locally for tests (no download): a character tokenizer, a
+2-layer Llama and 2-layer models of other families from their configs, plus a one-digit addition task."""
 
 from __future__ import annotations
 
@@ -12,27 +12,80 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from gvpo.tasks import TASKS, Task
 
 CHARS = list("0123456789+= QA:\n")
+VOCAB_SIZE = 3 + len(CHARS)
 
 
-def make_tiny_model(path: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
-    """Save a randomly initialised tiny Llama and its character tokenizer to ``path``."""
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over ``CHARS`` with ``<pad>``=0, ``<s>``=1, ``</s>``=2."""
     specials = ["<pad>", "<s>", "</s>"]
     vocab = {tok: i for i, tok in enumerate(specials + CHARS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny(model, path: Path) -> Path:
+    """Save ``model`` (built for the character vocabulary) with the character tokenizer to ``path``."""
+    if getattr(model, "generation_config", None) is not None:  # masked LMs have none
+        model.generation_config.eos_token_id = 2
+        model.generation_config.pad_token_id = 0
+    model.save_pretrained(path, safe_serialization=True)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+def make_tiny_model(path: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny Llama and its character tokenizer to ``path``."""
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
+    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
                          max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                          tie_word_embeddings=True)
-    model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = 2
-    model.generation_config.pad_token_id = 0
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny(LlamaForCausalLM(config), path)
+
+
+def _family_configs() -> dict:
+    """``family -> (config class name, model class name, config kwargs)``: 2 layers, hidden 32, grouped-query
+    attention where the family has it, and the family's own quirks switched on at small sizes (Gemma's
+    sliding window shorter than a prompt and logit soft-capping, Granite's multipliers, Phi-3's fused
+    projections, GPT-2's learned positions and dropout, OPT's dropout kept as float attributes)."""
+    llama_like = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    gemma = dict(llama_like, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
+                 layer_types=["sliding_attention", "full_attention"])
+    return {
+        "llama": ("LlamaConfig", "LlamaForCausalLM", llama_like),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", llama_like),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(llama_like, head_dim=8)),
+        "mistral": ("MistralConfig", "MistralForCausalLM", llama_like),
+        "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(gemma, attn_logit_softcapping=50.0,
+                                                              final_logit_softcapping=30.0)),
+        "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", gemma),
+        "phi3": ("Phi3Config", "Phi3ForCausalLM", llama_like),
+        "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+        "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", llama_like),
+        "granite": ("GraniteConfig", "GraniteForCausalLM", dict(llama_like, embedding_multiplier=2.0, logits_scaling=2.0,
+                                                                residual_multiplier=0.5, attention_multiplier=0.2)),
+        "opt": ("OPTConfig", "OPTForCausalLM", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                                                    word_embed_proj_dim=32, max_position_embeddings=64)),
+    }
+
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "gpt2", "olmo2", "granite")
+"""The families the README lists as tested (``opt`` is also buildable: its dropout is float attributes)."""
+
+
+def make_tiny_family(path: Path, family: str, *, seed: int = 0, **config_overrides) -> Path:
+    """Save a randomly initialised 2-layer model of ``family`` (one of ``FAMILIES``) with the character
+    tokenizer to ``path``; ``config_overrides`` go to the family's config (e.g. dropout rates)."""
+    import transformers
+
+    config_name, model_name, kwargs = _family_configs()[family]
+    config = getattr(transformers, config_name)(vocab_size=VOCAB_SIZE, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                                **{**kwargs, **config_overrides})
+    torch.manual_seed(seed)
+    return save_tiny(getattr(transformers, model_name)(config), path)
 
 
 @TASKS.register("tiny_add")
@@ -146,3 +199,8 @@ def load_script(relative: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def zero_reward(prompts, completions, **_) -> list[float]:
+    """No signal: every completion gets 0."""
+    return [0.0] * len(completions)

@@ -33,7 +33,7 @@ def _train_parser(sub) -> None:
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a model on a task's held-out prompts; prints one JSON object")
     p.add_argument("--model", default="default", help="model folder, hub id (where a network allows), or 'default' (embedded model)")
-    p.add_argument("--task", default="arithmetic", help="task name (arithmetic, gsm8k, math500, aime24) or dotted path")
+    p.add_argument("--task", default="arithmetic", help="task name (arithmetic, gsm8k, math500, aime24, dataset) or dotted path")
     p.add_argument("--n", type=int, default=0, help="number of held-out prompts; 0 = all")
     p.add_argument("--samples", type=int, default=1, help="completions per prompt: 1 = greedy pass@1, K > 1 = sampled avg@K and pass@K")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature when --samples > 1")

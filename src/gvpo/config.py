@@ -34,6 +34,8 @@ class ModelConfig:
     """Parameter dtype; ``auto`` = float32 on CPU (no bf16 units here), bfloat16 on CUDA; float64 for exactness checks."""
     trust_remote_code: bool = False
     """Allow code from the model folder to run; off unless you trust the source."""
+    disable_dropout: bool = True
+    """Set every dropout rate of the policy and reference to 0 (as TRL does); false = keep the model's dropout in the gradient forward only, while all log-probs (statistics, pi_old, reference) are computed without it."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory for more time (measured in bench/README.md, section "Gradient checkpointing")."""
     lora: bool = False
@@ -43,7 +45,7 @@ class ModelConfig:
     lora_alpha: int = 32
     """LoRA scaling numerator (scale = lora_alpha / lora_r)."""
     lora_dropout: float = 0.0
-    """Dropout on the LoRA branch."""
+    """Dropout on the LoRA branch; needs ``model.disable_dropout=false``."""
     lora_target_modules: str = "all-linear"
     """Modules that get adapters: ``all-linear`` or a comma-separated list of module names."""
 
@@ -51,7 +53,7 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     name: str = "arithmetic"
-    """Task: a built-in name (arithmetic, gsm8k, math500, aime24) or a dotted path to a task factory."""
+    """Task: a built-in name (arithmetic, gsm8k, math500, aime24, dataset = your own data, see task.options) or a dotted path to a task factory."""
     options: dict = field(default_factory=dict)
     """Keyword options for the task factory, e.g. ``{path: data/train.jsonl, template: chat}``."""
     rewards: list = field(default_factory=list)
@@ -115,11 +117,17 @@ class ObjectiveConfig:
     ref_sync_steps: int = 0
     """With a fixed reference: copy the policy into it every N steps; 0 = never."""
     clip_epsilon: float = 0.2
-    """GRPO: PPO ratio clipping epsilon."""
+    """GRPO: PPO ratio clipping epsilon (TRL's ``epsilon``): the ratio is clipped to [1 - clip_epsilon, 1 + epsilon_high]."""
+    epsilon_high: float | None = None
+    """GRPO: upper clipping epsilon (DAPO's clip-higher, which recommends 0.28); None = clip_epsilon, as in TRL."""
     kl_coef: float = 0.04
-    """GRPO: coefficient of the k3 KL penalty to the reference (0 = no reference model needed)."""
-    loss_aggregation: Literal["sequence_mean", "token_mean", "constant"] = "sequence_mean"
-    """GRPO: per-token loss aggregation: mean per sequence then over sequences (DeepSeekMath), mean over all tokens (DAPO), or sum / (N * max_new_tokens) (Dr.GRPO)."""
+    """GRPO: coefficient of the k3 KL penalty to the reference (TRL's ``beta``; 0 = no reference model needed)."""
+    use_bias_correction_kl: bool = True
+    """GRPO: multiply the k3 penalty by the importance ratio to pi_old, so its gradient is the unbiased reverse-KL gradient (TRL's default); false = plain k3."""
+    loss_aggregation: Literal["grpo", "dapo", "bnpo", "dr_grpo"] = "grpo"
+    """GRPO: per-token loss aggregation, TRL's ``loss_type``: grpo = mean per sequence then over sequences (DeepSeekMath); dapo = mean over the step's tokens (TRL's default); bnpo = token mean per process, averaged over processes; dr_grpo = token sum / (N * max_new_tokens), the generation budget."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """GRPO: advantages (R - group mean) divided by the group's reward std (group), the whole step's (batch), or not at all (none, Dr.GRPO); unbiased std + 1e-4, as in TRL."""
 
 
 @dataclass
@@ -135,7 +143,7 @@ class OptimConfig:
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this; 0 = no clipping."""
     warmup_steps: int = 10
-    """Linear learning-rate warm-up steps."""
+    """Linear learning-rate warm-up, in optimizer steps."""
     scheduler: Literal["constant", "cosine", "linear"] = "constant"
     """Learning-rate schedule after warm-up."""
 
@@ -143,11 +151,13 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 40
-    """Optimizer steps (each: one batch of prompts x k completions)."""
+    """Rollout steps (each: one batch of prompts x k completions, then ``updates_per_batch x mini_batches`` optimizer steps)."""
     prompts_per_step: int = 16
     """B: prompts per step, across all processes."""
     updates_per_batch: int = 1
-    """Gradient steps on each generated batch (no importance weights needed, Corollary 3.2)."""
+    """Epochs over each generated batch (like verl's ppo_epochs): each epoch takes ``mini_batches`` optimizer steps; no importance weights needed (Corollary 3.2)."""
+    mini_batches: int = 1
+    """Optimizer steps per epoch over a generated batch, each on an equal share of whole groups, in order (the authors take 4, verl's ppo_mini_batch_size = prompts / 4). pi_old and the ``rollout`` reference stay the policy that generated the batch; the GVPO weights use the current parameters at each step. ``train.prompts_per_step`` must divide by mini_batches x processes."""
     micro_batch_size: int = 0
     """Completions per forward/backward; 0 = the whole batch. The update is the same for any value."""
     share_prompts: bool = True
@@ -287,7 +297,8 @@ def _set(config: RunConfig, key: str, value: Any) -> None:
 def validate(config: RunConfig) -> RunConfig:
     """Cross-field checks that a single field's type cannot express."""
     positive = {"rollout.k": config.rollout.k, "train.prompts_per_step": config.train.prompts_per_step,
-                "train.updates_per_batch": config.train.updates_per_batch}
+                "train.updates_per_batch": config.train.updates_per_batch,
+                "train.mini_batches": config.train.mini_batches}
     for key, v in positive.items():
         if v < 1:
             raise ConfigError(f"{key} must be >= 1, got {v}")
@@ -303,6 +314,9 @@ def validate(config: RunConfig) -> RunConfig:
         raise ConfigError(f"rollout.temperature must be > 0, got {config.rollout.temperature}")
     if config.train.max_steps < 0 or config.train.micro_batch_size < 0:
         raise ConfigError("train.max_steps and train.micro_batch_size must be >= 0")
+    if config.train.prompts_per_step % config.train.mini_batches:
+        raise ConfigError(f"train.prompts_per_step={config.train.prompts_per_step} must be divisible by "
+                          f"train.mini_batches={config.train.mini_batches} (each mini-batch holds whole groups)")
     for key, registry in (("objective.name", "objectives:OBJECTIVES"), ("sampler.source", "samplers:SAMPLERS")):
         _check_name(key, _get(config, key), registry)
     if config.sampler.source in ("offline", "mixture") and not config.sampler.offline_path:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .rewards import resolve
+from .rewards import combine
 from .rollout import SamplingParams, hash_seed
 from .tasks import Task
 
@@ -18,14 +18,15 @@ def is_correct(value) -> bool:
 
 def evaluate(engine, task: Task, *, n: int = 0, samples: int = 1, temperature: float = 1.0, top_p: float = 1.0,
              max_new_tokens: int = 0, batch_size: int = 64, seed: int = 0, progress: bool = False,
-             items_path: str | Path | None = None) -> dict:
+             items_path: str | Path | None = None, trainer_state: dict | None = None) -> dict:
     """Score ``samples`` completions per held-out prompt (greedy when ``samples == 1``).
 
     Returns ``{"task", "n", "samples", "accuracy", "pass@K"}`` where accuracy is pass@1 (greedy) or
-    avg@K (mean correctness over the K samples); per-item results go to ``items_path`` as jsonl.
+    avg@K (mean correctness over the K samples); per-item results go to ``items_path`` as jsonl. The
+    reward is called as in training (TRL's keywords, :mod:`gvpo.rewards`) with ``trainer_state``.
     """
     rows = task.test[:n] if n else task.test
-    reward = resolve(task.accuracy_reward or task.rewards[0])
+    reward = combine([task.accuracy_reward or task.rewards[0]])
     greedy = samples == 1
     params = SamplingParams(max_new_tokens=max_new_tokens or task.max_new_tokens, temperature=temperature,
                             top_p=top_p, greedy=greedy)
@@ -39,7 +40,9 @@ def evaluate(engine, task: Task, *, n: int = 0, samples: int = 1, temperature: f
         gen = engine.generate([r["prompt"] for r in chunk_rows],
                               seeds=[hash_seed(seed, i, j) for i, j in chunk], params=params)
         columns = {k: [r.get(k) for r in chunk_rows] for k in chunk_rows[0] if k != "prompt"}
-        values = reward([r["prompt"] for r in chunk_rows], gen.texts, **columns)
+        ids = [gen.completion_ids[i][gen.completion_mask[i].bool()].tolist() for i in range(len(chunk))]
+        values = reward(prompts=[r["prompt"] for r in chunk_rows], completions=gen.texts, completion_ids=ids,
+                        trainer_state=trainer_state, **columns)
         for (i, j), text, value in zip(chunk, gen.texts, values):
             correct[i][j] = is_correct(value)
             items.append({"index": i, "sample": j, "completion": text, "reward": value, "correct": correct[i][j],

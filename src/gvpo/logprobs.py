@@ -11,11 +11,14 @@ sampling temperature only changes pi_s, which GVPO needs no correction for (Coro
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
+
+from .models import has_dropout
 
 DEFAULT_CHUNK_ROWS = 256
 
@@ -132,7 +135,39 @@ def completion_token_logps(
     checkpointing), consecutive rows with the same prompt, such as the k completions of a group, run
     that prompt once: see :func:`shared_prompt_token_logps`. The result is the same up to float
     rounding; gradients flow through the shared prompt.
+
+    Dropout never enters the values. For a model in train mode that has dropout (kept with
+    ``model.disable_dropout=false``), a call without grad runs in eval mode, and a call with grad returns
+    the eval-mode values carrying the gradient of a forward with dropout (``scored + trained -
+    trained.detach()``, one extra forward without grad): dropout regularises the update while pi_theta,
+    pi_old and pi_ref stay deterministic.
     """
+    args, options = (model, input_ids, attention_mask, completion_mask), dict(chunk_rows=chunk_rows,
+                                                                              share_prompts=share_prompts)
+    if not (model.training and has_dropout(model)):
+        return _completion_token_logps(*args, **options)
+    with torch.no_grad(), eval_mode(model):
+        scored = _completion_token_logps(*args, **options)
+    if not torch.is_grad_enabled():
+        return scored
+    trained = _completion_token_logps(*args, **options)
+    return scored + (trained - trained.detach())
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """``model`` in eval mode inside the context, back in its previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _completion_token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, *,
+                            chunk_rows: int = DEFAULT_CHUNK_ROWS, share_prompts: bool = True) -> Tensor:
+    """:func:`completion_token_logps` in the model's current mode."""
     num_completion = completion_mask.shape[1]
     if share_prompts and num_completion > 0 and caches_prompts(model):
         owner = prompt_owners(input_ids[:, :-num_completion], attention_mask[:, :-num_completion])
@@ -142,13 +177,29 @@ def completion_token_logps(
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask,
                   position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     try:
-        logits = model(**kwargs, logits_to_keep=num_completion + 1).logits
+        logits = model(**kwargs, logits_to_keep=last_positions(input_ids, num_completion + 1)).logits
     except TypeError:  # models without logits_to_keep
         logits = model(**kwargs).logits
     logits = logits[:, -(num_completion + 1) : -1]
     labels = input_ids[:, -num_completion:]
     token_logps = token_logps_from_logits(logits, labels, chunk_rows=chunk_rows)
     return token_logps * completion_mask.to(token_logps.dtype)
+
+
+def last_positions(input_ids: Tensor, n: int) -> Tensor:
+    """``logits_to_keep`` for the last ``n`` positions as an index tensor rather than the int ``n``.
+
+    transformers slices the hidden states with it before the output layer. An int gives a strided view
+    ``h[:, -n:]``, and torch's ``matmul`` of a strided 3-D input with the weight folds it into one ``mm``
+    only when the weight requires grad, otherwise it runs a ``bmm``: the trainable policy and its frozen
+    reference copy then round the same logits differently (~1e-7), which a zero-signal batch turns into
+    a full Adam step. Indexing with a tensor copies the rows into a contiguous tensor, which always folds.
+
+    >>> last_positions(torch.zeros(2, 5, dtype=torch.long), 2)
+    tensor([3, 4])
+    """
+    length = input_ids.shape[1]
+    return torch.arange(length - n, length, device=input_ids.device)
 
 
 def caches_prompts(model: nn.Module) -> bool:
@@ -196,7 +247,7 @@ def prompt_cache(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, owne
     first_rows = torch.cat([owner.new_zeros(1), (owner[1:] != owner[:-1]).nonzero().squeeze(-1) + 1])
     ids, mask = prompt_ids[first_rows], prompt_mask[first_rows]
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True,
-                logits_to_keep=1)
+                logits_to_keep=last_positions(ids, 1))
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     cache.batch_select_indices(owner.to(ids.device))
     return out, cache

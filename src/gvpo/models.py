@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import extract_model_from_parallel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 from .sharding import gathered_state_dict
 
 
@@ -36,24 +37,97 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout makes log-probs random, which breaks ``pi_theta / pi_ref``; turn it off everywhere."""
+def _rate_names(obj) -> list[str]:
+    """``obj``'s float attributes named like a dropout rate (``attention_dropout``, ``attn_pdrop``, ``layerdrop``)."""
+    return [name for name, value in vars(obj).items()
+            if "drop" in name.lower() and isinstance(value, float) and not isinstance(value, bool)]
+
+
+def _configs(model: torch.nn.Module) -> list[PretrainedConfig]:
+    """The transformers configs the modules of ``model`` hold, with their sub-configs (``text_config``...)."""
+    found, todo = {}, [getattr(m, "config", None) for m in model.modules()]
+    while todo:
+        config = todo.pop()
+        if isinstance(config, PretrainedConfig) and id(config) not in found:
+            found[id(config)] = config
+            todo.extend(v for v in vars(config).values() if isinstance(v, PretrainedConfig))
+    return list(found.values())
+
+
+def _dropout_holders(model: torch.nn.Module):
+    """``(object, attribute)`` for every dropout rate in ``model``: ``nn.Dropout``-like modules' ``p``,
+    modules' float rate attributes (read by functional dropout at each forward: OPT's ``dropout`` and
+    ``layerdrop``, Falcon's ``hidden_dropout``, Llama's ``attention_dropout`` ...), and the same names in
+    the configs (a few models read ``self.config.dropout`` at each forward)."""
     for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            yield module, "p"
+        for name in _rate_names(module):
+            yield module, name
+    for config in _configs(model):
+        for name in _rate_names(config):
+            yield config, name
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether any dropout rate in ``model`` is nonzero (see :func:`disable_dropout`)."""
+    return any(getattr(obj, name) > 0 for obj, name in _dropout_holders(model))
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout rate in ``model`` to 0, so that log-probs in train mode are deterministic and
+    equal eval mode's (``pi_theta / pi_ref`` must not carry dropout noise). Zeroing only ``nn.Dropout``
+    misses rates kept as floats and passed to ``F.dropout`` or attention kernels at each forward."""
+    for obj, name in list(_dropout_holders(model)):
+        setattr(obj, name, 0.0)
+
+
+def check_causal_lm(config: PretrainedConfig, path: str) -> None:
+    """Raise a one-line error unless ``config`` describes a decoder-only causal LM: GVPO scores a
+    completion token by token given the prompt, which encoder-decoders and masked (bidirectional) LMs
+    do not do, even where transformers offers them a causal-LM head."""
+    kind = getattr(config, "model_type", "?")
+    expected = "expected a causal (decoder-only) LM that AutoModelForCausalLM loads, e.g. Llama, Qwen, Gemma"
+    if getattr(config, "is_encoder_decoder", False):
+        raise ConfigError(f"model.name_or_path={path}: {kind} is an encoder-decoder model; {expected}")
+    remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote:
+        raise ConfigError(f"model.name_or_path={path}: {kind} has no causal LM head in transformers; {expected}")
+    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not (config.is_decoder or getattr(config, "causal", False)):
+        raise ConfigError(f"model.name_or_path={path}: {kind} is a masked (bidirectional) LM; {expected}")
+
+
+def own_aligned_memory(model: torch.nn.Module) -> None:
+    """Move parameters and buffers that do not start on a 64-byte boundary into memory torch allocates.
+
+    ``from_pretrained`` on CPU can leave tensors at the (8-byte aligned) offsets of the safetensors file,
+    and CPU BLAS takes another path for unaligned data (e.g. a one-row ``lm_head`` matmul), so the policy
+    and its freshly allocated reference copy would round the same weights differently. Tied weights stay
+    tied (one ``Parameter`` object).
+    """
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() % 64:
+            tensor.data = tensor.data.clone()
 
 
 def load_policy(config: ModelConfig, device: torch.device | str = "cpu"):
-    """The trainable policy (optionally with LoRA adapters) and its tokenizer."""
+    """The trainable policy (optionally with LoRA adapters) and its tokenizer, in train mode, with dropout
+    off unless ``config.disable_dropout`` is false."""
     device = torch.device(device)
     path = resolve_model_path(config.name_or_path)
+    model_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+    check_causal_lm(model_config, path)
+    if config.lora and config.lora_dropout and config.disable_dropout:
+        raise ConfigError(f"model.lora_dropout={config.lora_dropout} needs model.disable_dropout=false (dropout is "
+                         "off by default so that log-probs are deterministic)")
     tokenizer = load_tokenizer(path, config.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=resolve_dtype(config.dtype, device), trust_remote_code=config.trust_remote_code
+        path, config=model_config, dtype=resolve_dtype(config.dtype, device),
+        trust_remote_code=config.trust_remote_code
     ).to(device)
-    disable_dropout(model)
+    own_aligned_memory(model)
+    if config.disable_dropout:
+        disable_dropout(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -56,15 +56,7 @@ DEFAULT_FILES = {
     "qwen25_math_rm8": ("qwen25_math_rm8", "math_cot_100.jsonl"),
     "gsm8k_model_solutions": ("gsm8k_model_solutions", "example_model_solutions.head300.jsonl"),
 }
-
-
-def default_data(preset: str) -> Path:
-    """The preset's file in the shared data dir (``DEFAULT_FILES``); exits naming the preset if it has none."""
-    from .data_paths import data_path
-
-    if preset not in DEFAULT_FILES:
-        raise SystemExit(f"no default file for preset {preset!r}; pass --data")
-    return data_path(*DEFAULT_FILES[preset])
+"""Per preset, the rated file's path inside a data folder (the repository keeps them in ``tests/data``)."""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ A name is either a registered key or a dotted import path ``package.module.attr`
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -59,10 +61,24 @@ class Registry(Generic[T]):
         if "." in name or ":" in name:
             module_name, _, attr = name.replace(":", ".").rpartition(".")
             try:
-                return getattr(importlib.import_module(module_name), attr)
+                return getattr(_import_here_too(module_name), attr)
             except (ImportError, AttributeError) as err:
-                raise KeyError(f"cannot import {self.kind} {name!r}: {err}") from err
+                raise KeyError(f"cannot import {self.kind} {name!r}: {err} (the working directory is searched too)"
+                               ) from err
         raise KeyError(
             f"unknown {self.kind} {name!r}; valid choices: {', '.join(self.names())}, "
             "or a dotted import path like 'my_pkg.module.function'"
         )
+
+
+def _import_here_too(module_name: str):
+    """Import ``module_name``; if its top-level package is not found, look in the working directory too,
+    as ``python -m`` would (the ``gvpo`` command's own folder is on ``sys.path``, the user's is not)."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        cwd = os.getcwd()
+        if err.name != module_name.split(".")[0] or cwd in sys.path:
+            raise
+        sys.path.append(cwd)
+        return importlib.import_module(module_name)

@@ -1,8 +1,9 @@
 """The GVPO training loop, top to bottom: :func:`setup` builds the run's parts, :func:`train` runs them.
 
 One step: take B prompts, get k completions per prompt from the sampling distribution pi_s,
-score them, compute reference log-probs, update the policy ``updates_per_batch`` times on the
-whole-group statistics, log, evaluate, checkpoint.
+score them, compute reference log-probs, take ``updates_per_batch x mini_batches`` optimizer steps on
+whole-group statistics (each on one mini-batch of whole groups, with the current parameters), log,
+evaluate, checkpoint.
 
 Where this departs from the paper, and why:
 - ``reference: rollout`` (the authors' released recipe) sets pi_ref to the policy that generated
@@ -40,7 +41,7 @@ from .rollout import SamplingParams, create_engine
 from .samplers import create_sampler, step_rows
 from .sharding import SHARDABLE, full_state_dict, is_sharded, shard
 from .tasks import get_task
-from .update import NonFiniteError, update
+from .update import NonFiniteError, fill_rollout_logps, update
 
 __all__ = ["NonFiniteError", "Run", "setup", "train"]
 
@@ -111,9 +112,10 @@ def setup(config: RunConfig, *, resume: str | Path | None = None) -> Run:
     if accelerator.num_processes > 1:  # the dated default name comes from each process's clock: take the main one's
         run_dir = Path(broadcast_object_list([str(run_dir)])[0])
     world, cfg_train, cfg_obj = accelerator.num_processes, config.train, config.objective
-    if cfg_train.prompts_per_step % world:
-        raise ValueError(f"train.prompts_per_step={cfg_train.prompts_per_step} must be divisible by the "
-                         f"number of processes ({world}) so that every group stays on one process")
+    if cfg_train.prompts_per_step % (world * cfg_train.mini_batches):
+        raise ValueError(f"train.prompts_per_step={cfg_train.prompts_per_step} must be divisible by "
+                         f"train.mini_batches ({cfg_train.mini_batches}) x the number of processes ({world}), so that "
+                         "every mini-batch holds whole groups and every group stays on one process")
     torch.manual_seed(cfg_train.seed)
 
     task = get_task(config.task.name, **config.task.options)
@@ -130,12 +132,13 @@ def setup(config: RunConfig, *, resume: str | Path | None = None) -> Run:
                          "drop train.fsdp or use an FSDP config")
     if shard_here:  # accelerate prepared no sharding (CPU processes, plain DDP): torch's fully_shard does it
         shard(policy)
-    objective = create_objective(cfg_obj)
+    objective = create_objective(cfg_obj, max_completion_length=max_new_tokens)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.optim.lr, betas=(config.optim.adam_beta1, config.optim.adam_beta2),
                                   weight_decay=config.optim.weight_decay,
                                   fused=fused_adam_ok(trainable, accelerator) or None)
-    scheduler = make_scheduler(optimizer, config.optim.scheduler, config.optim.warmup_steps, cfg_train.max_steps)
+    optimizer_steps = cfg_train.max_steps * cfg_train.updates_per_batch * cfg_train.mini_batches
+    scheduler = make_scheduler(optimizer, config.optim.scheduler, config.optim.warmup_steps, optimizer_steps)
     if shard_here:  # wrapping the sharded model in DDP as well would all-reduce DTensor gradients
         optimizer = accelerator.prepare(optimizer)
     else:
@@ -147,7 +150,7 @@ def setup(config: RunConfig, *, resume: str | Path | None = None) -> Run:
                              k=config.rollout.k, seed=cfg_train.seed, max_new_tokens=max_new_tokens,
                              cache_dir=Path(config.output.dir) / ".ref_cache")
 
-    state = {"step": 0, "samples": 0, "trained": 0, "elapsed_s": 0.0, "processes": world}
+    state = {"step": 0, "samples": 0, "trained": 0, "optimizer_steps": 0, "elapsed_s": 0.0, "processes": world}
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
@@ -184,43 +187,55 @@ def train(config: RunConfig, *, resume: str | Path | None = None) -> Path:
     start = time.perf_counter() - state["elapsed_s"]
     while state["step"] < cfg_train.max_steps:
         step = state["step"]
-        # 1. sample: this process's share of the step's prompts, whole groups only
-        rows = step_rows(run.task.train, step, cfg_train.prompts_per_step, cfg_train.seed)
-        share = cfg_train.prompts_per_step // world
-        groups = run.sampler.sample(rows[rank * share : (rank + 1) * share], step, run.params)
+        # 1. sample: this process's share of the step's prompts, whole groups only, in mini-batch order
+        rows = process_rows(step_rows(run.task.train, step, cfg_train.prompts_per_step, cfg_train.seed), rank, world,
+                            cfg_train.mini_batches)
+        groups = run.sampler.sample(rows, step, run.params)
 
         # 2. score: given rewards (offline, replay) or the task's reward functions; None drops a completion
         generated = sum(src in ("policy", "reference") for g in groups for src in g.sources)
-        scored = [g.with_rewards(r) for g, r in zip(groups, score(groups, run.reward_fn))]
+        scored = [g.with_rewards(r) for g, r in zip(groups, score(groups, run.reward_fn, state))]
         groups = [g.scored() for g in scored]
         dropped = sum(len(a) - len(b) for a, b in zip(scored, groups))
-        batch = build_batch(groups, run.tokenizer, accelerator.device)
 
-        # 3. reference log-probs (fixed reference), or at the first update (rollout reference)
-        if run.reference is not None:
-            batch.ref_token_logps = reference_token_logps(run, groups, batch)
+        # 3. one batch per mini-batch of whole groups, with reference log-probs (fixed reference); with
+        #    several mini-batches, pi_old and a rollout reference are taken now, before any update moves the policy
+        size = len(groups) // cfg_train.mini_batches
+        chunks = [groups[j * size : (j + 1) * size] for j in range(cfg_train.mini_batches)]
+        batches = [build_batch(chunk, run.tokenizer, accelerator.device) for chunk in chunks]
+        check_micro_batches(run, batches)
+        for chunk, batch in zip(chunks, batches):
+            if run.reference is not None:
+                batch.ref_token_logps = reference_token_logps(run, chunk, batch)
+            if len(batches) > 1:
+                fill_rollout_logps(batch, all_token_logps(run.policy, batch, cfg_train.micro_batch_size,
+                                                          cfg_train.share_prompts))
 
-        # 4. update on whole-group statistics
-        check_micro_batches(run, batch)
+        # 4. update on whole-group statistics: updates_per_batch epochs of one optimizer step per mini-batch
         for _ in range(cfg_train.updates_per_batch):
-            stats = update(run.policy, run.optimizer, batch, run.objective, micro_batch_size=cfg_train.micro_batch_size,
-                           share_prompts=cfg_train.share_prompts, max_grad_norm=config.optim.max_grad_norm,
-                           accelerator=accelerator)
-        run.scheduler.step()
+            updates = []
+            for batch in batches:
+                stats = update(run.policy, run.optimizer, batch, run.objective,
+                               micro_batch_size=cfg_train.micro_batch_size, share_prompts=cfg_train.share_prompts,
+                               max_grad_norm=config.optim.max_grad_norm, accelerator=accelerator)
+                run.scheduler.step()
+                state["optimizer_steps"] = state.get("optimizer_steps", 0) + 1
+                updates.append((stats, batch))
         run.engine.sync_weights(run.model)  # vLLM: push the new weights; HF: shares the policy, no-op
         run.sampler.after_update(groups, step)
         if run.reference is not None and config.objective.ref_sync_steps and (step + 1) % config.objective.ref_sync_steps == 0:
             run.reference.sync(run.model)
 
         # 5. log
-        totals = accelerator.reduce(torch.tensor([float(generated), float(dropped), float(len(batch))],
+        trained = float(sum(len(b) for b in batches))
+        totals = accelerator.reduce(torch.tensor([float(generated), float(dropped), trained],
                                                  device=accelerator.device), "sum")
         state["samples"] += int(totals[0].item())
         state["trained"] += int(totals[2].item())
         state["step"] = step + 1
         state["elapsed_s"] = time.perf_counter() - start
         row = {"step": step + 1, "samples": state["samples"], "completions_trained": state["trained"],
-               **gather_stats(stats, batch, accelerator),
+               "optimizer_steps": state["optimizer_steps"], **gather_stats(updates, accelerator),
                "reward_none": int(totals[1].item()), "lr": run.scheduler.get_last_lr()[0], "time_s": state["elapsed_s"]}
         if cfg_train.eval_every and (step + 1) % cfg_train.eval_every == 0 or step + 1 == cfg_train.max_steps:
             row.update(evaluate_all(run, step + 1))
@@ -237,25 +252,43 @@ def train(config: RunConfig, *, resume: str | Path | None = None) -> Path:
     return run.run_dir
 
 
-def check_micro_batches(run: Run, batch: Batch) -> None:
-    """A sharded policy's every forward is a collective, so all processes must run as many micro-batches; with
-    completions dropped (``None`` rewards) their row counts, and so their micro-batch counts, can differ."""
+def check_micro_batches(run: Run, batches: list[Batch]) -> None:
+    """A sharded policy's every forward is a collective, so all processes must run as many micro-batches in each
+    mini-batch; with completions dropped (``None`` rewards) their row counts, and so their micro-batch counts,
+    can differ. Stops with the counts instead of hanging."""
     size, accelerator = run.config.train.micro_batch_size, run.accelerator
     if not size or accelerator.num_processes == 1 or not is_sharded(run.policy):
         return
-    counts = accelerator.gather(torch.tensor([-(-len(batch) // size)], device=accelerator.device))
-    if int(counts.min()) != int(counts.max()):
-        raise RuntimeError(f"sharded training: the processes have {counts.tolist()} micro-batches this step (rows "
-                           f"{len(batch)} here, train.micro_batch_size={size}); every process must run the same "
-                           "number of forward passes. Use train.micro_batch_size=0 (one pass per process)")
+    mine = torch.tensor([-(-len(b) // size) for b in batches], device=accelerator.device)
+    counts = accelerator.gather(mine[None]).reshape(accelerator.num_processes, -1)
+    if bool((counts != counts[0]).any()):
+        raise RuntimeError(f"sharded training: the processes have {counts.tolist()} micro-batches per mini-batch "
+                           f"this step (train.micro_batch_size={size}); every process must run the same number of "
+                           "forward passes. Use train.micro_batch_size=0 (one pass per process and mini-batch)")
 
 
-def score(groups: list[Group], reward_fn) -> list[list]:
-    """Rewards per group, one per completion: given ones kept, the rest from ``reward_fn`` (``None`` = the
-    completion cannot be scored). Nothing is changed in ``groups``."""
+def process_rows(rows: list, rank: int, world: int, mini_batches: int) -> list:
+    """This process's rows of a step, in mini-batch order: of mini-batch ``j``'s contiguous share of the
+    step's rows, the ``rank``-th part, so a mini-batch holds the same groups for any number of processes.
+
+    >>> process_rows(list("abcdefgh"), rank=1, world=2, mini_batches=2)
+    ['c', 'd', 'g', 'h']
+    """
+    per_batch = len(rows) // mini_batches
+    share = per_batch // world
+    return [row for j in range(mini_batches)
+            for row in rows[j * per_batch + rank * share : j * per_batch + (rank + 1) * share]]
+
+
+def score(groups: list[Group], reward_fn, state: dict | None = None) -> list[list]:
+    """Rewards per group, one per completion: given ones kept, the rest from ``reward_fn`` (called with
+    TRL's keywords, see :mod:`gvpo.rewards`; ``state`` is the trainer state; ``None`` = the completion
+    cannot be scored). Nothing is changed in ``groups``."""
     todo = [(g, i) for g in groups for i in range(len(g)) if g.rewards[i] is None]
     columns = {key: [g.row.get(key) for g, _ in todo] for key in (todo[0][0].row if todo else {}) if key != "prompt"}
-    values = reward_fn([g.row["prompt"] for g, _ in todo], [g.texts[i] for g, i in todo], **columns) if todo else []
+    values = reward_fn(prompts=[g.row["prompt"] for g, _ in todo], completions=[g.texts[i] for g, i in todo],
+                       completion_ids=[g.completion_ids[i] for g, i in todo], trainer_state=state,
+                       **columns) if todo else []
     for (g, i), v in zip(todo, values):
         if v is not None and not math.isfinite(v):
             raise NonFiniteError(f"reward {v} for completion {g.texts[i]!r} of prompt {g.row['prompt']!r}: rewards "
@@ -314,23 +347,27 @@ def flat_config(config: RunConfig) -> dict:
             for section, fields in dataclasses.asdict(config).items() for key, value in fields.items()}
 
 
-def gather_stats(stats: dict, batch: Batch, accelerator) -> dict:
-    """Step metrics averaged over all processes' completions."""
-    logps = sequence_logps(stats.pop("logps"), batch.completion_mask)
-    log_ratio = logps - batch.ref_logps
-    lengths = batch.completion_mask.sum(-1).float()
-    sums = torch.stack([batch.rewards.sum(), (batch.rewards**2).sum(), log_ratio.sum(), lengths.sum(),
-                        torch.tensor(float(len(batch)), device=batch.rewards.device)]).double()
+def gather_stats(updates: list[tuple[dict, Batch]], accelerator) -> dict:
+    """Step metrics over all processes' completions, from the last epoch's updates (one per mini-batch):
+    batch statistics over all its rows, the objective's scalars averaged over its optimizer steps."""
+    log_ratio = torch.cat([sequence_logps(stats["logps"], b.completion_mask) - b.ref_logps for stats, b in updates])
+    rewards = torch.cat([b.rewards for _, b in updates])
+    group_ids = torch.cat([b.group_ids for _, b in updates])
+    lengths = torch.cat([b.completion_mask.sum(-1).float() for _, b in updates])
+    sums = torch.stack([rewards.sum(), (rewards**2).sum(), log_ratio.sum(), lengths.sum(),
+                        torch.tensor(float(len(rewards)), device=rewards.device)]).double()
     sums = accelerator.reduce(sums.to(accelerator.device), "sum")
     n = max(float(sums[4]), 1.0)
     mean = float(sums[0]) / n
-    corr = within_group_correlation(log_ratio, batch.rewards, batch.group_ids)
+    corr = within_group_correlation(log_ratio, rewards, group_ids)
     out = {"reward_mean": mean, "reward_std": math.sqrt(max(float(sums[1]) / n - mean**2, 0.0)),
            "kl": float(sums[2]) / n, "completion_len": float(sums[3]) / n, "implicit_reward_corr": corr}
-    out.update({k: v for k, v in stats.items() if isinstance(v, (int, float))})
+    scalars = [k for k, v in updates[0][0].items() if isinstance(v, (int, float))]
+    out.update({k: sum(stats[k] for stats, _ in updates) / len(updates) for k in scalars})
     sources = {}
-    for s in batch.sources:
-        sources[s] = sources.get(s, 0) + 1
+    for _, b in updates:
+        for s in b.sources:
+            sources[s] = sources.get(s, 0) + 1
     if len(sources) > 1 or "policy" not in sources:
-        out.update({f"source/{k}": v / len(batch) for k, v in sources.items()})
+        out.update({f"source/{k}": v / len(rewards) for k, v in sources.items()})
     return out

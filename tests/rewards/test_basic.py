@@ -46,7 +46,7 @@ def test_exact_match_batch_and_extra_columns():
 
 def test_combine_weights_and_none():
     f = combine(["exact_match", __name__ + ".maybe_reward"], [2.0, 0.5])
-    assert f(["Q", "Q", "Q"], ["4", "5", "?"], answer=["4", "4", "4"]) == [2.5, 0.5, None]
+    assert f(prompts=["Q", "Q", "Q"], completions=["4", "5", "?"], answer=["4", "4", "4"]) == [2.5, 0.5, None]
     with pytest.raises(ValueError):
         combine(["exact_match"], [1.0, 2.0])
 

@@ -8,7 +8,6 @@ fails the test with the full list (nothing is skipped silently). Run with ``-s``
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import threading
@@ -17,7 +16,7 @@ import time
 import pytest
 
 import gvpo.rewards.verify as rv
-from gvpo.data_paths import shared_data_dir
+from gvpo.data_paths import builtin_file, read_jsonl
 from gvpo.rewards import combine, resolve
 from gvpo.rewards.math import (
     MathVerifier,
@@ -34,12 +33,6 @@ PATHOLOGICAL = r"9^{9^{9^{9}}}"
 """sympy spends minutes inside one C call on this (holding the GIL): only a process kill stops it."""
 
 
-def _jsonl(*parts: str) -> list[dict]:
-    path = shared_data_dir().joinpath(*parts)
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 @pytest.fixture(scope="module")
 def fresh_reward():
     """A ``math`` reward with its own 2-worker pool and no cache: every distinct pair is verified."""
@@ -50,12 +43,12 @@ def fresh_reward():
 
 @pytest.fixture(scope="module")
 def gsm8k_test():
-    return _jsonl("gsm8k", "test.jsonl")
+    return read_jsonl(builtin_file("gsm8k", "test"))
 
 
 @pytest.fixture(scope="module")
 def math500_test():
-    return _jsonl("math500", "test.jsonl")
+    return read_jsonl(builtin_file("math500", "test"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -66,7 +59,7 @@ def math500_test():
 def test_registered_under_their_names():
     assert resolve("math") is math_reward
     assert resolve("format") is format_reward
-    assert combine(["math", "format"], [1.0, 0.5])(["Q"], [r"\boxed{4}"], answer=["4"]) == [1.5]
+    assert combine(["math", "format"], [1.0, 0.5])(prompts=["Q"], completions=[r"\boxed{4}"], answer=["4"]) == [1.5]
 
 
 @pytest.mark.parametrize(
@@ -248,7 +241,7 @@ def test_math500_wrong_question_scores_zero(fresh_reward, math500_test):
 
 
 def test_aime24_answers_verify(fresh_reward):
-    rows = _jsonl("aime24", "test.jsonl")
+    rows = read_jsonl(builtin_file("aime24", "test"))
     completions = [rf"so the answer is $\boxed{{{int(r['answer'])}}}$" for r in rows]  # "025" -> \boxed{25}
     assert fresh_reward(["Q"] * len(rows), completions, answer=[r["answer"] for r in rows]) == [1.0] * 30
     wrong = [rf"\boxed{{{int(r['answer']) + 1}}}" for r in rows]

@@ -184,3 +184,23 @@ def test_shared_prompts_generate_the_same_tokens_and_run_fewer(engine, params):
     assert first_shared[0] == (3, width - 1) and first_shared[1] == (12, 1)  # 3 prompts, then the last token
     assert rows_seen[0] == (12, width)  # plain: every row's whole prompt
     assert len({tuple(row(shared, i)) for i in range(12)}) > 3 or params.greedy
+
+
+def test_chat_prompts_get_one_bos_whatever_the_template(tmp_path):
+    """A tokenizer that adds BOS itself: a template that writes BOS too ("<s>" + content, as Llama 3's
+    does) and one that does not both give exactly one BOS, then the content's tokens."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    from gvpo.rollout.hf import encode_prompts
+
+    tiny.make_tiny_model(tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    tok._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    chat = [{"role": "user", "content": "1+2="}]
+    plain = encode_prompts(tok, ["1+2="])["input_ids"][0].tolist()
+    assert plain[0] == tok.bos_token_id and plain.count(tok.bos_token_id) == 1
+    for template in ("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}",
+                     "{% for m in messages %}{{ m['content'] }}{% endfor %}"):
+        tok.chat_template = template
+        assert encode_prompts(tok, [chat])["input_ids"][0].tolist() == plain, template

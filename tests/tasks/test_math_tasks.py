@@ -1,14 +1,14 @@
-"""The ``gsm8k``, ``math500`` and ``aime24`` tasks, and ``gvpo.data_paths``."""
+"""The ``gsm8k``, ``math500`` and ``aime24`` tasks on the data shipped in the package, and other sources."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
 import pytest
 
-from gvpo import data_paths
-from gvpo.data_paths import data_path, shared_data_dir
+from gvpo.data_paths import builtin_data_dir, builtin_file, read_jsonl
 from gvpo.rewards import resolve
 from gvpo.rewards.math import gold_answer
 from gvpo.tasks import TASKS, Task, get_task
@@ -16,7 +16,9 @@ from gvpo.tasks.math_tasks import CHAT_TEMPLATE, GSM8K_TEMPLATE, MATH_TEMPLATE
 
 
 def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -44,7 +46,7 @@ def test_registered():
 def test_gsm8k_default_rows_match_the_files():
     task = get_task("gsm8k")
     assert isinstance(task, Task) and task.name == "gsm8k"
-    raw_test = _jsonl(data_path("gsm8k", "test.jsonl"))
+    raw_test = _jsonl(builtin_file("gsm8k", "test"))
     assert (len(task.train), len(task.test)) == (7473, 1319)
     assert all(set(r) == {"prompt", "answer"} for r in task.train + task.test)
     for row, raw in zip(task.test, raw_test):
@@ -54,13 +56,13 @@ def test_gsm8k_default_rows_match_the_files():
     assert task.rewards == ("math",) and task.accuracy_reward == "math"
     assert task.max_new_tokens == 512
     assert task.extra["eval_only"] is False
-    assert task.extra["sources"]["test"].endswith("gsm8k/test.jsonl")
+    assert task.extra["sources"]["test"].endswith("gsm8k/test.jsonl.gz")
     assert not {r["prompt"] for r in task.test} & {r["prompt"] for r in task.train}  # disjoint
 
 
 def test_math500_and_aime24_are_eval_only():
     m = get_task("math500")
-    raw = _jsonl(data_path("math500", "test.jsonl"))
+    raw = _jsonl(builtin_file("math500", "test"))
     assert (len(m.train), len(m.test), m.extra["eval_only"], m.max_new_tokens) == (0, 500, True, 1024)
     assert [r["answer"] for r in m.test] == [gold_answer(r["answer"]) for r in raw]
     # that is the data's answer field, less a "\\$" (e.g. "\\$18.90" -> "18.90") or thousands commas
@@ -70,7 +72,7 @@ def test_math500_and_aime24_are_eval_only():
     assert m.test[0]["prompt"] == MATH_TEMPLATE.replace("{question}", raw[0]["problem"])
 
     a = get_task("aime24")
-    raw = _jsonl(data_path("aime24", "test.jsonl"))
+    raw = _jsonl(builtin_file("aime24", "test"))
     assert (len(a.train), len(a.test), a.extra["eval_only"], a.max_new_tokens) == (0, 30, True, 2048)
     assert [r["answer"] for r in a.test] == [str(int(r["answer"])) for r in raw]  # "025" -> "25"
     assert any(r["answer"].startswith("0") for r in raw)
@@ -106,7 +108,7 @@ def test_chat_mode_builds_messages_with_a_boxed_instruction():
     assert isinstance(prompt, list) and [m["role"] for m in prompt] == ["user"]
     assert "\\boxed{}" in prompt[0]["content"] and prompt[0]["content"].startswith("Convert the point")
     assert prompt[0]["content"] == CHAT_TEMPLATE.replace(
-        "{question}", _jsonl(data_path("math500", "test.jsonl"))[0]["problem"]
+        "{question}", _jsonl(builtin_file("math500", "test"))[0]["problem"]
     )
     task = get_task("gsm8k", chat=True, system_prompt="Be brief.", num_test=1, num_train=1)
     assert [m["role"] for m in task.test[0]["prompt"]] == ["system", "user"]
@@ -172,6 +174,9 @@ def test_math500_with_a_train_path_and_custom_columns(tmp_path):
 def test_bad_sources_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError):
         get_task("gsm8k", path=tmp_path / "missing.jsonl")
+    _write_jsonl(tmp_path / "only-train" / "train.jsonl", TOY)
+    with pytest.raises(KeyError, match=r"no split 'test' \(task.options.test_split\); its splits: train"):
+        get_task("gsm8k", path=tmp_path / "only-train")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="train.jsonl"):
         get_task("gsm8k", path=tmp_path / "empty")
@@ -190,33 +195,28 @@ def test_format_weight_adds_the_format_reward():
 
 
 # ------------------------------------------------------------------------------------------------
-# gvpo.data_paths.
+# The shipped files.
 # ------------------------------------------------------------------------------------------------
 
 
-def test_shared_data_dir_finds_the_data():
-    d = shared_data_dir()
-    assert (d / "gsm8k" / "test.jsonl").is_file() and (d / "math500" / "test.jsonl").is_file()
+def test_builtin_files_are_in_the_package():
+    import gvpo
+
+    d = builtin_data_dir()
+    assert d.is_relative_to(Path(gvpo.__file__).parent)
+    assert sorted(p.name for p in d.glob("*/*.jsonl.gz")) == ["test.jsonl.gz"] * 3 + ["train.jsonl.gz"]
+    assert len(read_jsonl(builtin_file("gsm8k", "train"))) == 7473
+    with pytest.raises(FileNotFoundError, match="shipped: \\['test.jsonl.gz'\\]"):
+        builtin_file("math500", "train")
 
 
-def test_env_var_wins_and_must_exist(tmp_path, monkeypatch):
-    monkeypatch.setenv("GVPO_DATA_DIR", str(tmp_path))
-    assert shared_data_dir() == tmp_path.resolve()
-    monkeypatch.setenv("GVPO_DATA_DIR", str(tmp_path / "nope"))
-    with pytest.raises(FileNotFoundError, match="GVPO_DATA_DIR"):
-        shared_data_dir()
-
-
-def test_cwd_relative_and_not_found(tmp_path, monkeypatch):
-    monkeypatch.delenv("GVPO_DATA_DIR", raising=False)
-    (tmp_path / "shared" / "data").mkdir(parents=True)
-    (tmp_path / "repo").mkdir()
-    monkeypatch.chdir(tmp_path / "repo")
-    assert shared_data_dir() == (tmp_path / "shared" / "data").resolve()  # ../shared/data
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(data_paths, "__file__", str(tmp_path / "a" / "b" / "c.py"))  # as if installed there
-    (tmp_path / "shared" / "data").rename(tmp_path / "shared" / "moved")
-    with pytest.raises(FileNotFoundError) as err:
-        shared_data_dir()
-    assert "GVPO_DATA_DIR" in str(err.value) and str(tmp_path / "shared" / "data") in str(err.value)
+def test_also_train_on_appends_another_tasks_train_rows_in_the_same_prompt_format():
+    """The authors' GSM8K + MATH mix: MATH rows (here MATH-500's file as the train source) then GSM8K's
+    7,473 train rows, both as chat prompts, each with its own gold answer; held-out rows unchanged."""
+    plain = get_task("math500", chat=True)
+    mixed = get_task("math500", chat=True, train_path=str(builtin_file("math500", "test")), also_train_on=["gsm8k"])
+    gsm8k = get_task("gsm8k", chat=True)
+    assert len(mixed.train) == 500 + 7473 and mixed.test == plain.test
+    assert mixed.train[500:] == gsm8k.train
+    assert all(isinstance(r["prompt"], list) and r["answer"] for r in mixed.train)
+    assert "gsm8k train" in mixed.extra["sources"]["train"]

@@ -22,7 +22,15 @@ _FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
 
 def fingerprint_file(path: str | os.PathLike) -> str:
-    """sha256 hex of a file's bytes (memoised per path, size and mtime within a process)."""
+    """sha256 hex of a file's bytes (memoised per path, size and mtime within a process); for a Hugging Face
+    dataset id, of its rows as canonical JSON."""
+    if isinstance(path, str) and not Path(path).exists():
+        from ..data_paths import looks_like_hub_id, read_splits
+
+        if looks_like_hub_id(path):
+            found, _ = read_splits(path)
+            text = json.dumps(found, sort_keys=True, ensure_ascii=False, default=str)
+            return hashlib.sha256(text.encode("utf-8")).hexdigest()
     p = Path(path).resolve()
     st = p.stat()
     key = (str(p), st.st_size, st.st_mtime_ns)

@@ -20,7 +20,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Validate an offline file of rated completions and print a summary. Every problem "
                     "is listed with its line (jsonl/json) or row (parquet) and field; exit status 1 if any.",
     )
-    p.add_argument("path", nargs="?", help="a .jsonl, .json or .parquet file, or a datasets.save_to_disk directory")
+    p.add_argument("path", nargs="?", help="a .jsonl (.jsonl.gz), .json or .parquet file, a datasets.save_to_disk directory, or a Hugging Face dataset id")
     p.add_argument("--format", choices=LAYOUTS, default="auto",
                    help="row layout: 'grouped' (prompt, completions, rewards), 'flat' (prompt, completion, "
                         "reward; grouped by prompt) or 'auto' (grouped if the completions column exists)")

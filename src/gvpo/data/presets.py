@@ -1,4 +1,4 @@
-"""Named ways to read one kind of file (:data:`PRESETS`), and the presets for the real files in shared/data."""
+"""Named ways to read one kind of file (:data:`PRESETS`), and the presets for two real rated files (tests/data)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def _resolve_preset(preset: str | OfflinePreset | None) -> OfflinePreset | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Presets for the real files in shared/data
+# Presets for the real rated files in tests/data
 
 _GSM8K_MODELS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
 

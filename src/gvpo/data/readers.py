@@ -1,4 +1,6 @@
-"""File formats: rows out of ``.jsonl``/``.json``/``.parquet`` files, ``datasets`` objects and lists of dicts.
+"""File formats: rows out of ``.jsonl`` (also ``.jsonl.gz``) / ``.json`` / ``.parquet`` files, ``datasets``
+objects, Hugging Face dataset ids (or ``datasets.load_dataset`` argument mappings; their ``train``
+split, or their only one) and lists of dicts.
 
 Each reader yields ``(where, row)``, or ``(where, None)`` after adding a problem (bad UTF-8, bad JSON,
 not an object) that names the line (1-based, jsonl/json) or row (0-based).
@@ -6,17 +8,18 @@ not an object) that names the line (1-based, jsonl/json) or row (0-based).
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 from .errors import DataError, _Problems
 from .fields import _type_name
 
 FILE_FORMATS = ("jsonl", "json", "parquet")
-_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
+_EXTENSIONS = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
 
 
 def _utf8_problem(raw: bytes, err: UnicodeDecodeError) -> str:
@@ -107,8 +110,16 @@ def _read_rows(source: Any, file_format: str | None, problems: _Problems) -> tup
                 r = None
             out.append((f"row {i}", r))
         return out, "<list of rows>", "rows"
+    from ..data_paths import looks_like_hub_id, pick_split, read_splits
+
+    if isinstance(source, Mapping) or (isinstance(source, str) and not Path(source).exists()
+                                       and looks_like_hub_id(source)):
+        found, name = read_splits(source)  # a hub id or datasets.load_dataset arguments
+        rows = pick_split(found, "train", name)
+        return [(f"row {i}", r) for i, r in enumerate(rows)], name, "dataset"
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"load_offline needs a path, a datasets.Dataset or a list of dicts, got {type(source).__name__}")
+        raise TypeError(f"load_offline needs a path, a Hugging Face dataset id, a datasets.Dataset or a list of dicts, "
+                        f"got {type(source).__name__}")
     path = Path(source)
     name = str(path)
     if not path.exists():
@@ -123,14 +134,15 @@ def _read_rows(source: Any, file_format: str | None, problems: _Problems) -> tup
         if not isinstance(ds, datasets.Dataset):
             raise DataError([f"{path} holds a DatasetDict with splits {list(ds)}; pass one split's directory"], name)
         return [(f"row {i}", r) for i, r in enumerate(ds)], name, "dataset"
-    fmt = file_format or _EXTENSIONS.get(path.suffix.lower())
+    suffix = "".join(path.suffixes[-2:]).lower() if path.suffix.lower() == ".gz" else path.suffix.lower()
+    fmt = file_format or _EXTENSIONS.get(suffix)
     if fmt is None:
         raise DataError([f"cannot tell the file format from the extension '{path.suffix}'; pass "
                          f"file_format= (--file-format) one of {', '.join(FILE_FORMATS)}"], name)
     if fmt not in FILE_FORMATS:
         raise ValueError(f"file_format must be one of {FILE_FORMATS}, got {fmt!r}")
     if fmt == "jsonl":
-        with open(path, "rb") as f:
+        with (gzip.open if path.suffix.lower() == ".gz" else open)(path, "rb") as f:
             rows = list(_read_jsonl_lines(f, problems))
     elif fmt == "json":
         rows = _read_json(path, problems)

@@ -11,8 +11,11 @@ sft      SFT, Eq. 1
 dpo      DPO on each group's best/worst pair, section 2.3
 ======== ==========================================================================================
 
-A dotted path ``my_pkg.module.factory`` works too: ``factory(config: ObjectiveConfig) -> Objective``.
+A dotted path ``my_pkg.module.factory`` works too: ``factory(config: ObjectiveConfig) -> Objective``
+(a factory with a keyword ``max_completion_length`` also gets the generation budget, see ``create_objective``).
 """
+
+import inspect
 
 from .base import OBJECTIVES, Objective
 from .functional import (
@@ -46,10 +49,16 @@ __all__ = [
 ]
 
 
-def create_objective(config) -> Objective:
+def create_objective(config, *, max_completion_length: int | None = None) -> Objective:
     """The objective ``config.name`` names (a registered name or a dotted path to a factory), built from
-    ``config`` (an :class:`gvpo.config.ObjectiveConfig`)."""
-    objective = OBJECTIVES.resolve(config.name)(config)
+    ``config`` (an :class:`gvpo.config.ObjectiveConfig`).
+
+    ``max_completion_length`` (the generation budget, ``rollout.max_new_tokens``) is passed to a factory
+    that has a keyword parameter of that name (``grpo`` uses it for ``loss_aggregation=dr_grpo``)."""
+    factory = OBJECTIVES.resolve(config.name)
+    takes_length = "max_completion_length" in inspect.signature(factory).parameters
+    objective = (factory(config, max_completion_length=max_completion_length) if takes_length and
+                 max_completion_length is not None else factory(config))
     if not isinstance(objective, Objective):
         raise TypeError(f"objective.name={config.name!r} gave {type(objective).__name__}, which lacks "
                         "prepare/micro_loss (see gvpo.objectives.base.Objective)")

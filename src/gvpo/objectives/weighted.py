@@ -25,7 +25,7 @@ from .functional import WEIGHT_SCHEMES, gvpo_loss, gvpo_weights, weighted_nll
 
 def _micro_loss(token_logps: Tensor, batch: Batch, rows: slice, prepared: Prepared) -> Tensor:
     logps = sequence_logps(token_logps, batch.completion_mask[rows])
-    return -(prepared.coef[rows].to(logps.device) * logps).sum()
+    return -(prepared.coef[rows].to(device=logps.device, dtype=logps.dtype) * logps).sum()
 
 
 class GVPOObjective:
@@ -43,12 +43,12 @@ class GVPOObjective:
         sizes = group_sizes(index, num_groups)
         valid = int((sizes >= 2).sum())
         if valid == 0:
-            return Prepared(norm=0.0, loss_sum=0.0, coef=torch.zeros_like(logps).float())
+            return Prepared(norm=0.0, loss_sum=0.0, coef=torch.zeros_like(logps))
         w = gvpo_weights(logps, ref, rewards, gids, beta=self.beta)
         k = sizes[index].double()
         coef = torch.where(k >= 2, self.beta * w / (k - 1).clamp(min=1), torch.zeros_like(w))
         value = float(gvpo_loss(logps, ref, rewards, gids, beta=self.beta))
-        return Prepared(norm=float(valid), loss_sum=value * valid, coef=coef.float(),
+        return Prepared(norm=float(valid), loss_sum=value * valid, coef=coef,
                         stats={"weight_abs_mean": float(w.abs().mean())})
 
     micro_loss = staticmethod(_micro_loss)
@@ -67,7 +67,7 @@ class WeightedObjective:
         _, num_groups = dense_index(gids)
         w = self.scheme(logps, ref, rewards, gids, beta=self.beta)
         value = float(weighted_nll(logps, w, gids))
-        return Prepared(norm=float(num_groups), loss_sum=value * num_groups, coef=w.float(),
+        return Prepared(norm=float(num_groups), loss_sum=value * num_groups, coef=w,
                         stats={"weight_abs_mean": float(w.abs().mean())})
 
     micro_loss = staticmethod(_micro_loss)

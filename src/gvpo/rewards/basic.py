@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from . import REWARDS
+from .base import REWARDS, completion_text
 
 
-def first_line(text: str) -> str:
-    """The completion's answer line: text up to the first newline, stripped."""
-    return text.strip().split("\n", 1)[0].strip()
+def first_line(text) -> str:
+    """The completion's answer line: text (or a conversational completion's content) up to the first newline, stripped."""
+    return (completion_text(text) or "").strip().split("\n", 1)[0].strip()
 
 
 @REWARDS.register("exact_match")

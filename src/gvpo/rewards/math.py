@@ -24,7 +24,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from . import REWARDS
+from .base import REWARDS, completion_text  # noqa: F401  (completion_text: also importable from here)
 from .verify import MathVerifier
 
 # ----------------------------------------------------------------------------------------------
@@ -153,21 +153,6 @@ def gold_answer(gold: Any) -> str | None:
             s = boxed
     s = normalize_answer(s)
     return s or None
-
-
-def completion_text(completion: Any) -> str | None:
-    """A completion as text: strings as-is, chat messages -> the last message's ``content``."""
-    if completion is None:
-        return None
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, dict):
-        return str(completion.get("content") or "")
-    if isinstance(completion, (list, tuple)):
-        if not completion:
-            return ""
-        return completion_text(completion[-1])
-    return str(completion)
 
 
 # ----------------------------------------------------------------------------------------------

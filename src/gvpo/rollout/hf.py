@@ -48,12 +48,21 @@ class SeededGumbelNoise(LogitsProcessor):
         return scores.float() + gumbel.to(scores.device)  # a fresh tensor: callers may keep it
 
 
+def render_prompt(tokenizer, prompt) -> str:
+    """A prompt as text: a string as is; a conversation through the chat template (generation prompt
+    added), minus a leading BOS when the tokenizer adds one itself, so it is not there twice."""
+    if not isinstance(prompt, list):
+        return prompt
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos):]
+    return text
+
+
 def encode_prompts(tokenizer, prompts: list) -> dict:
     """Tokenise prompts (strings, or chat message lists through the chat template), left-padded."""
-    texts = [
-        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list) else p
-        for p in prompts
-    ]
+    texts = [render_prompt(tokenizer, p) for p in prompts]
     return tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=True)
 
 

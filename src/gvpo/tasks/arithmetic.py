@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from . import TASKS, Task
+from .base import TASKS, Task
 
 PROMPT_TEMPLATE = "Q: {a}+{b}= A:"
 COMPLETION_TEMPLATE = " {answer}"

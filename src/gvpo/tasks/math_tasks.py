@@ -10,11 +10,13 @@ only placeholder, so LaTeX braces such as ``\\boxed{}`` need no escaping. Chat m
 optional ``{"role": "system"}`` message), and the default template asks for the answer in
 ``\\boxed{}``; the trainer applies the tokenizer's chat template.
 
-Data. ``path`` is a folder holding ``train.jsonl`` / ``test.jsonl`` (default: the task's folder in
-:func:`gvpo.data_paths.shared_data_dir`), a single data file (jsonl/json via the standard library;
-parquet/csv/... via ``datasets.load_dataset(<format>, data_files=...)``, never the Hub), a
-``datasets.Dataset`` or list of dicts (the test split), or a ``datasets.DatasetDict`` / dict with
-``"train"`` / ``"test"``. ``train_path`` / ``test_path`` override one split.
+Data. ``path`` is any source :func:`gvpo.data_paths.read_splits` reads (default: the task's data shipped
+in the package, :func:`gvpo.data_paths.builtin_data_dir`): a folder of ``train.jsonl`` / ``test.jsonl``, a
+``datasets.save_to_disk`` folder, a ``DatasetDict`` or dict of splits, a Hugging Face dataset id
+(``config`` names its configuration), a mapping of ``datasets.load_dataset`` arguments; a single file,
+``datasets.Dataset`` or list of rows is the test split. ``train_split`` / ``test_split`` name the splits
+to take. ``train_path`` / ``test_path`` override one split, e.g.
+``train_path=EleutherAI/hendrycks_math config=algebra``.
 
 Splits. ``gsm8k`` has its own ``train.jsonl`` (7473) and ``test.jsonl`` (1319). ``math500`` (500)
 and ``aime24`` (30) are **evaluation-only**: they ship one test file, and their ``train`` is
@@ -24,14 +26,13 @@ and ``aime24`` (30) are **evaluation-only**: they ship one test file, and their 
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
 
-from ..data_paths import shared_data_dir
+from ..data_paths import builtin_file, is_saved_dataset, pick_split, read_jsonl, read_splits
 from ..rewards.math import gold_answer
-from . import TASKS, Task
+from .base import TASKS, Task
 
 GSM8K_TEMPLATE = "Question: {question}\nAnswer: Let's think step by step."
 MATH_TEMPLATE = "Problem: {question}\nPut the final answer in \\boxed{}.\nSolution: Let's think step by step."
@@ -47,51 +48,29 @@ def fill_template(template: str, question: str) -> str:
     return template.replace("{question}", question)
 
 
-def read_rows(source: Any) -> tuple[list[dict], str]:
-    """Rows of a data file, ``datasets.Dataset`` or list of dicts, and a description of the source."""
-    if isinstance(source, (str, Path)):
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"data file {path} does not exist")
-        suffix = path.suffix.lower()
-        if suffix in (".jsonl", ".json"):
-            text = path.read_text(encoding="utf-8")
-            if text.lstrip().startswith("["):
-                rows = json.loads(text)
-            else:
-                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-            return rows, str(path)
-        import datasets
-
-        fmt = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow"}.get(suffix)
-        if fmt is None:
-            raise ValueError(f"cannot read {path}: use .jsonl, .json, .parquet, .csv or .arrow")
-        kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
-        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
-        return [dict(r) for r in ds], str(path)
-    if isinstance(source, list):
-        return [dict(r) for r in source], f"list of {len(source)} rows"
-    if hasattr(source, "column_names") and hasattr(source, "__iter__"):  # datasets.Dataset
-        return [dict(r) for r in source], f"datasets.Dataset ({len(source)} rows)"
-    raise TypeError(f"cannot read rows from {type(source).__name__}: give a path, a datasets.Dataset or a list")
-
-
-def _split_sources(path: Any, default_dir: str, splits: tuple[str, ...]) -> dict[str, Any]:
-    """Map each split name to its source according to ``path`` (see the module docstring)."""
+def _task_splits(path: Any, default_dir: str, splits: tuple[str, ...], config: str | None,
+                 split_names: dict[str, str]) -> dict[str, tuple[list[dict], str]]:
+    """Rows of each of ``splits`` in ``path`` as ``{split: (rows, description)}`` (see the module docstring)."""
     if path is None:
-        path = shared_data_dir() / default_dir
-    if isinstance(path, dict):
-        return {s: path[s] for s in splits if s in path}  # DatasetDict / dict of splits
-    if isinstance(path, (str, Path)) and Path(path).expanduser().is_dir():
-        folder = Path(path).expanduser()
         out = {}
         for s in splits:
-            file = folder / f"{s}.jsonl"
-            if not file.is_file():
-                raise FileNotFoundError(f"{file} does not exist (expected {', '.join(f'{x}.jsonl' for x in splits)})")
-            out[s] = file
+            file = builtin_file(default_dir, s)
+            out[s] = (read_jsonl(file), str(file))
         return out
-    return {"test": path}
+    found, described = read_splits(path, config=config)
+    split_folder = isinstance(path, (str, Path)) and Path(path).expanduser().is_dir() and not is_saved_dataset(path)
+    if len(found) == 1 and not split_folder:
+        return {"test": (next(iter(found.values())), described)}  # one file / Dataset / list: the test split
+    for s in splits:  # a folder of split files or a multi-split source: each split by its exact name
+        if split_names[s] not in found:
+            raise KeyError(f"{described} has no split {split_names[s]!r} (task.options.{s}_split); "
+                           f"its splits: {', '.join(sorted(found))}")
+    return {s: (found[split_names[s]], f"{described} [{split_names[s]}]") for s in splits}
+
+
+def _one_split(source: Any, split: str, config: str | None) -> tuple[list[dict], str]:
+    found, described = read_splits(source, config=config)
+    return pick_split(found, split, described), described if len(found) == 1 else f"{described} [{split}]"
 
 
 def build_math_task(
@@ -108,11 +87,15 @@ def build_math_task(
     path: Any,
     train_path: Any,
     test_path: Any,
+    config: str | None,
+    train_split: str,
+    test_split: str,
     num_train: int | None,
     num_test: int | None,
     seed: int | None,
     max_new_tokens: int,
     format_weight: float,
+    also_train_on: list | tuple = (),
     answer_transform=None,
 ) -> Task:
     """The shared builder behind ``gsm8k``/``math500``/``aime24``; usable for any question/answer data.
@@ -121,18 +104,18 @@ def build_math_task(
         template = CHAT_TEMPLATE if chat else default_template
     if "{question}" not in template:
         raise ValueError(f"template must contain '{{question}}', got {template!r}")
-    sources = _split_sources(path, default_dir, splits)
+    sources = _task_splits(path, default_dir, splits, config, {"train": train_split, "test": test_split})
     if train_path is not None:
-        sources["train"] = train_path
+        sources["train"] = _one_split(train_path, train_split, config)
     if test_path is not None:
-        sources["test"] = test_path
+        sources["test"] = _one_split(test_path, test_split, config)
     if "test" not in sources:
         raise ValueError(f"task {name!r}: no test split found in {path!r}")
 
     def make_rows(split: str) -> tuple[list[dict], str]:
         if split not in sources:
             return [], "none"
-        raw, described = read_rows(sources[split])
+        raw, described = sources[split]
         rows = []
         for i, r in enumerate(raw):
             for col in (question_column, answer_column):
@@ -153,6 +136,10 @@ def build_math_task(
         return rows, described
 
     train, train_src = make_rows("train")
+    for other in also_train_on:  # e.g. the authors' GSM8K + MATH training mix
+        extra_task = TASKS.resolve(other)(chat=chat, system_prompt=system_prompt)
+        train += extra_task.train
+        train_src += f" + {other} train ({extra_task.extra['sources']['train']})"
     test, test_src = make_rows("test")
     if seed is not None:
         random.Random(seed).shuffle(train)
@@ -190,6 +177,9 @@ def gsm8k(
     path: Any = None,
     train_path: Any = None,
     test_path: Any = None,
+    config: str | None = None,
+    train_split: str = "train",
+    test_split: str = "test",
     chat: bool = False,
     template: str | None = None,
     system_prompt: str | None = None,
@@ -200,12 +190,15 @@ def gsm8k(
     question_column: str = "question",
     answer_column: str = "answer",
     format_weight: float = 0.0,
+    also_train_on: list | tuple = (),
 ) -> Task:
     """GSM8K: 7473 train / 1319 test grade-school word problems with integer answers.
 
     ``answer_column`` may hold the whole solution (``... #### 72``); rows get ``"72"``.
     ``seed`` shuffles the train rows (before ``num_train`` keeps the first ones); test keeps file order.
-    ``format_weight > 0`` adds the ``format`` reward with that weight.
+    ``format_weight > 0`` adds the ``format`` reward with that weight. ``also_train_on`` (task names, e.g.
+    ``[math500]`` with ``train_path`` set there) appends those tasks' train rows, built with the same
+    ``chat`` and ``system_prompt``.
 
     >>> task = gsm8k(num_test=2, num_train=1)
     >>> task.test[0]["answer"], task.test[0]["prompt"].startswith("Question: Janet"), len(task.train)
@@ -222,6 +215,9 @@ def math500(
     path: Any = None,
     train_path: Any = None,
     test_path: Any = None,
+    config: str | None = None,
+    train_split: str = "train",
+    test_split: str = "test",
     chat: bool = False,
     template: str | None = None,
     system_prompt: str | None = None,
@@ -232,10 +228,12 @@ def math500(
     question_column: str = "problem",
     answer_column: str = "answer",
     format_weight: float = 0.0,
+    also_train_on: list | tuple = (),
 ) -> Task:
     """MATH-500 (Lightman et al.): 500 competition problems with LaTeX answers. **Eval-only**: train is
     empty unless ``train_path`` is given. ``answer_column="solution"`` takes the gold from the
-    solution's last ``\\boxed{}`` instead of the ``answer`` field.
+    solution's last ``\\boxed{}`` instead of the ``answer`` field. ``also_train_on: [gsm8k]`` appends
+    GSM8K's train rows (the GVPO authors train on GSM8K + MATH).
 
     >>> task = math500(num_test=1)
     >>> task.test[0]["answer"], task.train, task.extra["eval_only"]
@@ -257,6 +255,9 @@ def aime24(
     path: Any = None,
     train_path: Any = None,
     test_path: Any = None,
+    config: str | None = None,
+    train_split: str = "train",
+    test_split: str = "test",
     chat: bool = False,
     template: str | None = None,
     system_prompt: str | None = None,
@@ -267,6 +268,7 @@ def aime24(
     question_column: str = "problem",
     answer_column: str = "answer",
     format_weight: float = 0.0,
+    also_train_on: list | tuple = (),
 ) -> Task:
     """AIME 2024 I+II: 30 problems, integer answers 0-999 (``"025"`` becomes ``"25"``). **Eval-only**:
     train is empty unless ``train_path`` is given. ``max_new_tokens`` defaults to 2048: AIME solutions
