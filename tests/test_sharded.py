@@ -35,7 +35,9 @@ from test_trainer import _cli, _comparable, _kv, assert_same_params, final_param
 
 TESTS = Path(__file__).resolve().parent
 ACROSS_PROCESS_COUNTS = 1e-5  # see the module docstring
-STEPS = {"train.max_steps": 4, "train.checkpoint_every": 2, "train.eval_every": 2}
+STEPS = {"train.max_steps": 4, "train.checkpoint_every": 2, "train.eval_every": 2, "objective.ref_sync_steps": 2}
+"""The reference is synced at step 2, just before the step-2 checkpoint: sharded runs gather the policy into it,
+and every resume must restore it from the checkpoint."""
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from accelerate import DistributedType
 from accelerate.utils import extract_model_from_parallel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -79,10 +79,11 @@ SINGLE_PROCESS_WARNING = ".*torch.distributed is disabled, unavailable or uninit
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, *, accelerator, policy, optimizer, scheduler, trainer_state: dict,
-                    reference_state: dict | None = None, sampler_state: dict | None = None, keep: int = 2) -> Path:
+                    reference_model=None, sampler_state: dict | None = None, keep: int = 2) -> Path:
     """Write ``ckpt_dir/step-<step>`` atomically and keep the newest ``keep`` (0 = all); returns its path.
 
-    A collective: every process calls it, writes its own files, and returns once the folder is renamed."""
+    A collective: every process calls it, writes its own files, and returns once the folder is renamed.
+    ``reference_model``: a moving reference (``ref_sync_steps``), saved by the main process."""
     rank, main = accelerator.process_index, accelerator.is_main_process
     final, tmp = ckpt_dir / f"step-{step:06d}", ckpt_dir / f".tmp-step-{step:06d}"
     if main:
@@ -107,8 +108,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, *, accelerator, policy, optimizer
     accelerator.wait_for_everyone()
     if main:
         torch.save({"scheduler": scheduler.state_dict(), "param_groups": param_groups}, tmp / "state.pt")
-        if reference_state:
-            save_file({k: v.contiguous().cpu() for k, v in reference_state.items()}, str(tmp / "reference.safetensors"))
+        if reference_model is not None:  # save_model stores tied weights once (save_file refuses shared tensors)
+            save_model(reference_model, str(tmp / "reference.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
         _fsync_files(tmp, ["state.pt", "reference.safetensors", "trainer_state.json"])
         shutil.rmtree(final, ignore_errors=True)
@@ -168,7 +169,7 @@ def load_checkpoint(path: Path, *, accelerator, policy, optimizer, scheduler, re
                                  {"state": tensors["optim"], "param_groups": state["param_groups"]})
     scheduler.load_state_dict(state["scheduler"])
     if reference_model is not None and (path / "reference.safetensors").exists():
-        reference_model.load_state_dict(load_file(str(path / "reference.safetensors")))
+        load_model(reference_model, str(path / "reference.safetensors"))
     if (path / f"rng-{rank}.pt").exists():  # a run that grew has no saved state for its new ranks: they keep the seed's
         set_rng_state(torch.load(path / f"rng-{rank}.pt", weights_only=True))
     return trainer_state, samplers[rank] if rank < saved else {}

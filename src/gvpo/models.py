@@ -166,9 +166,6 @@ class Reference:
                              "reference is the base model and cannot move")
         self.model.load_state_dict(gathered_state_dict(policy))
 
-    def state_dict(self) -> dict:
-        return {} if self.lora else self.model.state_dict()
-
 
 @contextlib.contextmanager
 def _adapters_off(policy):

@@ -319,12 +319,11 @@ def evaluate_all(run: Run, step: int) -> dict:
 
 def save_checkpoint(run: Run) -> None:
     """Atomic checkpoint of the current step: every process writes its shards, the main process the rest."""
-    reference = run.reference
-    keep_reference = reference is not None and run.config.objective.ref_sync_steps and run.accelerator.is_main_process
+    moving = run.reference is not None and run.config.objective.ref_sync_steps and run.accelerator.is_main_process
     ckpt.save_checkpoint(run.run_dir / "checkpoints", run.state["step"], accelerator=run.accelerator, policy=run.policy,
                          optimizer=run.optimizer, scheduler=run.scheduler, trainer_state=run.state,
                          keep=run.config.train.keep_checkpoints, sampler_state=run.sampler.state(),
-                         reference_state=reference.state_dict() if keep_reference else None)
+                         reference_model=run.reference.model if moving else None)
 
 
 def finish(run: Run) -> None:
