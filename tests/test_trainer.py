@@ -219,3 +219,19 @@ def test_unknown_objective_and_sampler_names_are_refused_with_the_choices():
         load_config(None, ["objective.name=gvp0"])
     with pytest.raises(ConfigError, match="sampler.source: 'replya' is not valid"):
         load_config(None, ["sampler.source=replya"])
+
+
+def test_metrics_reach_the_trackers_named_in_report_to(model_dir, tmp_path):
+    """``output.report_to=[tensorboard]`` (through accelerate's tracker) gets the same numbers as
+    ``metrics.jsonl`` at the same steps; ``[]`` writes no events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    extra = {"train.max_steps": 2, "train.checkpoint_every": 0}
+    run = train(load_config(None, overrides(model_dir, tmp_path, "tb", **extra, **{"output.report_to": ["tensorboard"]})))
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    logged = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert [s for s, _ in logged] == [r["step"] for r in rows]
+    assert [v for _, v in logged] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+    quiet = train(load_config(None, overrides(model_dir, tmp_path, "quiet", **extra)))
+    assert not (quiet / "tensorboard").exists()

@@ -9,6 +9,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from gvpo.samplers import StatelessSampler
 from gvpo.tasks import TASKS, Task
 
 CHARS = list("0123456789+= QA:\n")
@@ -147,7 +148,7 @@ def centred_nll(config) -> CentredRewardNLL:
     return CentredRewardNLL()
 
 
-class AnswerSampler:
+class AnswerSampler(StatelessSampler):
     """A custom sampler (for tests): each group is the row's right answer once and ``k - 1`` wrong ones,
     tagged ``custom``; it never generates."""
 
@@ -164,18 +165,6 @@ class AnswerSampler:
                    for t in texts]
             groups.append(Group(pos, row, ids, texts, ["custom"] * self.k))
         return groups
-
-    def reference_token_logps(self, groups, batch, reference, micro_batch_size):
-        return None
-
-    def after_update(self, groups, step):
-        pass
-
-    def state(self):
-        return {}
-
-    def load_state(self, state):
-        pass
 
 
 def answer_sampler(spec, *, engine, reference, tokenizer, k, seed, max_new_tokens, cache_dir) -> AnswerSampler:

@@ -5,7 +5,7 @@
 dotted path to a factory.
 """
 
-from .base import SAMPLERS, Sampler
+from .base import SAMPLERS, Sampler, StatelessSampler
 from .mixture import MixtureSampler
 from .offline import OfflineSampler
 from .order import EpochOrder, step_rows
@@ -13,7 +13,7 @@ from .policy import PolicySampler, generate_by_count, generate_groups
 from .replay import ReplaySampler
 
 __all__ = ["SAMPLERS", "EpochOrder", "MixtureSampler", "OfflineSampler", "PolicySampler", "ReplaySampler",
-           "Sampler", "create_sampler", "generate_by_count", "generate_groups", "step_rows"]
+           "Sampler", "StatelessSampler", "create_sampler", "generate_by_count", "generate_groups", "step_rows"]
 
 
 def create_sampler(spec, **parts) -> Sampler:

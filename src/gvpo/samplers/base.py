@@ -52,3 +52,21 @@ class Sampler(Protocol):
 
 
 SAMPLERS: Registry = Registry("sampler source")
+
+
+class StatelessSampler:
+    """Defaults for the :class:`Sampler` methods of a sampler that keeps nothing between steps and has no
+    reference log-probs of its own; subclass it and write ``sample``."""
+
+    def reference_token_logps(self, groups, batch, reference, micro_batch_size):
+        """None: the trainer computes the reference log-probs."""
+        return None
+
+    def after_update(self, groups, step) -> None:
+        """Nothing to remember."""
+
+    def state(self) -> dict:
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Nothing to restore."""

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from ..batch import Group
 from ..rollout import Engine, SamplingParams
-from .base import SAMPLERS
+from .base import SAMPLERS, StatelessSampler
 from .offline import OfflineSampler, load_offline_sampler
 from .policy import generate_groups
 
 
-class MixtureSampler:
+class MixtureSampler(StatelessSampler):
     """Offline completions followed by fresh policy completions of the same prompt."""
 
     def __init__(self, offline: OfflineSampler, engine: Engine, k: int, seed: int, offline_per_group: int):
@@ -23,19 +23,6 @@ class MixtureSampler:
         fresh = generate_groups(self.engine, [(g.group_id, g.row) for g in stored], self.k - self.offline_per_group,
                                 params, seed=self.seed, step=step, source="policy")
         return [old + new for old, new in zip(stored, fresh)]
-
-    def reference_token_logps(self, groups, batch, reference, micro_batch_size):
-        """Fresh completions are in every group, so the trainer scores the whole batch."""
-        return None
-
-    def after_update(self, groups, step) -> None:
-        """Nothing to remember."""
-
-    def state(self) -> dict:
-        return {}
-
-    def load_state(self, state: dict) -> None:
-        """Position comes from the step; nothing else to restore."""
 
 
 @SAMPLERS.register("mixture")

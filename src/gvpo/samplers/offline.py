@@ -10,12 +10,12 @@ from tqdm.auto import tqdm
 
 from ..batch import Group, all_token_logps, build_batch
 from ..rollout import SamplingParams
-from .base import SAMPLERS
+from .base import SAMPLERS, StatelessSampler
 from .order import EpochOrder
 from .replay import prompt_key
 
 
-class OfflineSampler:
+class OfflineSampler(StatelessSampler):
     """Groups from a rated-completions file; ``model`` is the policy module whose ``reference.scoring``
     context gives the reference (with LoRA: the same module with adapters off)."""
 
@@ -91,14 +91,8 @@ class OfflineSampler:
             out[[self.offsets[i] + j for i, j in part], : logps.shape[1]] = logps
         return out
 
-    def after_update(self, groups, step) -> None:
-        """The data does not change."""
 
-    def state(self) -> dict:
-        return {}
 
-    def load_state(self, state: dict) -> None:
-        """Position comes from the step; nothing else to restore."""
 
 
 def load_offline_sampler(spec, *, engine, tokenizer, seed, max_new_tokens, cache_dir) -> OfflineSampler:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..batch import Group
 from ..rollout import Engine, SamplingParams, hash_seed
-from .base import SAMPLERS
+from .base import SAMPLERS, StatelessSampler
 
 
 def generate_groups(engine: Engine, rows: list[tuple[int, dict]], k: int, params: SamplingParams, *, seed: int,
@@ -41,7 +41,7 @@ def generate_by_count(engine: Engine, rows: list[tuple[int, dict]], counts: list
     return out  # type: ignore[return-value]
 
 
-class PolicySampler:
+class PolicySampler(StatelessSampler):
     """pi_s = the current policy (on-policy), or the fixed reference (``source: reference``)."""
 
     def __init__(self, engine: Engine, k: int, seed: int, source: str = "policy", reference=None):
@@ -60,19 +60,6 @@ class PolicySampler:
                                    source="reference")
         with self.reference.scoring(self.engine.model):
             return generate_groups(self.engine, rows, self.k, params, seed=self.seed, step=step, source="reference")
-
-    def reference_token_logps(self, groups, batch, reference, micro_batch_size):
-        """No cache: the trainer computes reference log-probs of fresh samples."""
-        return None
-
-    def after_update(self, groups, step) -> None:
-        """Nothing to remember for on-policy sampling."""
-
-    def state(self) -> dict:
-        return {}
-
-    def load_state(self, state: dict) -> None:
-        """Stateless."""
 
 
 @SAMPLERS.register("policy")

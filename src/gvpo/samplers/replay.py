@@ -13,7 +13,7 @@ from collections import OrderedDict
 
 from ..batch import Group
 from ..rollout import Engine, SamplingParams
-from .base import SAMPLERS
+from .base import SAMPLERS, StatelessSampler
 from .policy import generate_by_count
 
 
@@ -21,7 +21,7 @@ def prompt_key(prompt) -> str:
     return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
 
 
-class ReplaySampler:
+class ReplaySampler(StatelessSampler):
     """On-policy groups topped up with stored completions of the same prompt (see module doc)."""
 
     def __init__(self, engine: Engine, k: int, seed: int, *, capacity: int, max_age: int, historical: int,
@@ -71,10 +71,6 @@ class ReplaySampler:
             self.buffer[key] = entry
         while len(self.buffer) > self.capacity:
             self.buffer.popitem(last=False)
-
-    def reference_token_logps(self, groups, batch, reference, micro_batch_size):
-        """Stored completions are scored again by the reference each step (it is cheap next to generation)."""
-        return None
 
     def state(self) -> dict:
         return {"buffer": list(self.buffer.items())}

@@ -3,6 +3,7 @@ here without importing the package that imports them."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 from ..registry import Registry
@@ -30,3 +31,16 @@ class Task:
     """Completion budget that fits this task's answers."""
     extra: dict = field(default_factory=dict)
     """Anything else a task wants to carry (template, source path)."""
+
+
+def subsample(train: list, test: list, *, seed: int | None, num_train: int | None,
+              num_test: int | None) -> tuple[list, list]:
+    """``train`` shuffled with ``seed`` (if given) then cut to ``num_train`` rows; ``test`` cut to ``num_test``.
+
+    >>> subsample([1, 2, 3], [4, 5], seed=None, num_train=2, num_test=None)
+    ([1, 2], [4, 5])
+    """
+    train = list(train)
+    if seed is not None:
+        random.Random(seed).shuffle(train)
+    return train[:num_train] if num_train is not None else train, test[:num_test] if num_test is not None else test

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 from ..data_paths import pick_split, read_splits
 from ..rewards import is_conversational
-from .base import TASKS, Task
+from .base import TASKS, Task, subsample
 
 HOLD_OUT_SEED = 0
 """Seed of the shuffle that picks the ``test_size`` held-out rows (independent of ``seed``)."""
@@ -145,12 +145,7 @@ def dataset(
     kinds = {is_conversational(r["prompt"]) for r in train + test}
     if len(kinds) > 1:
         raise ValueError(f"{described}: some prompts are strings and some are conversations; use one form")
-    if seed is not None:
-        random.Random(seed).shuffle(train)
-    if num_train is not None:
-        train = train[:num_train]
-    if num_test is not None:
-        test = test[:num_test]
+    train, test = subsample(train, test, seed=seed, num_train=num_train, num_test=num_test)
     return Task(
         name=name,
         train=train,

@@ -26,13 +26,12 @@ and ``aime24`` (30) are **evaluation-only**: they ship one test file, and their 
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any
 
 from ..data_paths import builtin_file, is_saved_dataset, pick_split, read_jsonl, read_splits
 from ..rewards.math import gold_answer
-from .base import TASKS, Task
+from .base import TASKS, Task, subsample
 
 GSM8K_TEMPLATE = "Question: {question}\nAnswer: Let's think step by step."
 MATH_TEMPLATE = "Problem: {question}\nPut the final answer in \\boxed{}.\nSolution: Let's think step by step."
@@ -141,12 +140,7 @@ def build_math_task(
         train += extra_task.train
         train_src += f" + {other} train ({extra_task.extra['sources']['train']})"
     test, test_src = make_rows("test")
-    if seed is not None:
-        random.Random(seed).shuffle(train)
-    if num_train is not None:
-        train = train[:num_train]
-    if num_test is not None:
-        test = test[:num_test]
+    train, test = subsample(train, test, seed=seed, num_train=num_train, num_test=num_test)
     rewards: tuple[str, ...] = ("math",)
     weights: tuple[float, ...] | None = None
     if format_weight:
