@@ -2,7 +2,8 @@
 # The prepared GPU check (docs/gpu.md, "The GPU check"): run it from the repository root on the GPU machine.
 #   1. what is there: Python, torch, CUDA device, transformers, accelerate, TRL;
 #   2. TRL and datasets from .whl/ (git-ignored, filled by scripts/fetch_gpu_wheels.sh) when they are missing;
-#   3. the CUDA tests: tests/test_gpu.py, and the trainer, log-prob and HF-engine suites on the GPU;
+#   3. the CUDA tests: tests/test_gpu.py, and the trainer, log-prob and HF-engine suites on the GPU, plus the
+#      sharded-checkpoint tests (CPU processes) against that machine's torch;
 #   4. gvpo against TRL's GRPOTrainer, bf16, Qwen2-shaped 0.5B (bench/vs_trl.py --gpu): completions/s and
 #      peak GPU memory of both and their ratio, written into docs/gpu.md's numbers table.
 # Everything goes to $OUT (default bench/out/gpu_check): tests.log, vs_trl.log, vs_trl.json, env.txt.
@@ -52,7 +53,7 @@ $PY -c "import trl, datasets" 2>/dev/null || { TRL_SIDES=""; echo "TRL unavailab
 if [ -z "${SKIP_TESTS:-}" ]; then
     step "3. CUDA tests"
     $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_logprobs.py tests/rollout/test_hf_engine.py \
-        tests/test_trainer.py 2>&1 | tee "$OUT/tests.log" | tail -15
+        tests/test_trainer.py tests/test_sharded.py 2>&1 | tee "$OUT/tests.log" | tail -15
 fi
 
 step "4. gvpo vs TRL"
