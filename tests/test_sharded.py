@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -55,14 +56,17 @@ def _env() -> dict:
             "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
-_PORT = [29541]
+def _free_port() -> int:
+    """A port nothing listens on now (other test runs on this machine may be using fixed ones)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _two(args: list[str]) -> subprocess.Popen:
     """``gvpo train ARGS`` on 2 CPU processes (torchrun, gloo; GPUs hidden), in its own process group."""
-    _PORT[0] += 1
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             str(_PORT[0]), "-m", "gvpo.cli", "train", *args], env=_env(), stdout=subprocess.PIPE,
+                             str(_free_port()), "-m", "gvpo.cli", "train", *args], env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
