@@ -12,6 +12,11 @@ preset    hidden  layers  heads  MLP   parameters
 ``30m``   512     7       8      2048  29.5M
 ``34m``   512     8       8      2048  33.7M
 ========  ======  ======  =====  ====  =============
+
+For the GPU comparison, ``QWEN2_PRESETS`` are Qwen2-shaped (grouped-query attention, q/k/v biases, tied
+embeddings) with the character tokenizer padded to Qwen2's vocabulary, so the logits cost what they cost
+in the real model: ``qwen2-0.5b`` has Qwen2.5-0.5B's shape (494M parameters); ``qwen2-tiny`` is the same
+code path small enough for a CPU dry run.
 """
 
 from __future__ import annotations
@@ -39,19 +44,27 @@ PRESETS = {
     "34m": dict(hidden=512, layers=8, heads=8, intermediate=2048),
 }
 
+QWEN2_PRESETS = {
+    "qwen2-0.5b": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936),
+    "qwen2-tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=1024),
+}
+
 RESULT_PREFIX = "BENCH_RESULT "
 REPO = Path(__file__).resolve().parent.parent
 
 
-def build_tokenizer(*, unreachable_eos: bool = False):
-    """One token per character (printable ASCII and newline) after ``<pad> <s> </s> <unk>``; prepends ``<s>``."""
+def build_tokenizer(*, unreachable_eos: bool = False, size: int = VOCAB):
+    """One token per character (printable ASCII and newline) after ``<pad> <s> </s> <unk>``; prepends ``<s>``.
+    ``size > 100``: filler tokens ``<x100>``, ... up to ``size`` ids, so that every id a model of that vocabulary
+    samples decodes (the unreachable EOS then has id ``size``)."""
     from tokenizers import Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARS)}
+    vocab.update({f"<x{i}>": i for i in range(VOCAB, size)})
     specials = list(SPECIAL_TOKENS)
     if unreachable_eos:
-        vocab[NEVER_EOS] = VOCAB
+        vocab[NEVER_EOS] = size
         specials.append(NEVER_EOS)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.decoder = decoders.Fuse()
@@ -86,6 +99,36 @@ def make_llama(path: str | Path, preset: str, *, seed: int = 0, unreachable_eos:
     model.save_pretrained(path, safe_serialization=True)
     build_tokenizer(unreachable_eos=unreachable_eos).save_pretrained(path)
     return path
+
+
+def make_qwen2(path: str | Path, preset: str, *, seed: int = 0, unreachable_eos: bool = False) -> Path:
+    """Save a randomly initialised Qwen2 of ``QWEN2_PRESETS[preset]`` and the padded character tokenizer."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    shape = QWEN2_PRESETS[preset]
+    eos = shape["vocab"] if unreachable_eos else EOS_ID
+    config = Qwen2Config(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+                         num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+                         num_key_value_heads=shape["kv_heads"], max_position_embeddings=512, pad_token_id=PAD_ID,
+                         bos_token_id=BOS_ID, eos_token_id=eos, tie_word_embeddings=True)
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = PAD_ID
+    model.generation_config.bos_token_id = BOS_ID
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True)
+    build_tokenizer(unreachable_eos=unreachable_eos, size=shape["vocab"]).save_pretrained(path)
+    return path
+
+
+def make_model(path: str | Path, preset: str, *, seed: int = 0, unreachable_eos: bool = False) -> Path:
+    """``make_qwen2`` for a ``QWEN2_PRESETS`` name, else ``make_llama``."""
+    make = make_qwen2 if preset in QWEN2_PRESETS else make_llama
+    return make(path, preset, seed=seed, unreachable_eos=unreachable_eos)
 
 
 def matmul_params(model) -> int:

@@ -24,8 +24,18 @@ TRL runs in two settings: ``trl`` with ``gradient_checkpointing=False`` (the sam
 which does not checkpoint by default) and ``trl-gc`` with GRPOConfig's own default
 ``gradient_checkpointing=True`` (less memory, more time). Ratios are gvpo / TRL.
 
+GPU mode (``--gpu``, what ``scripts/gpu_check.sh`` runs): the Qwen2-shaped 0.5B model (``_models.
+QWEN2_PRESETS``, random init, Qwen2's 151,936-token vocabulary), bf16 weights on both sides (gvpo
+``model.dtype: bfloat16``; TRL ``bf16=True`` with the model loaded in bf16), 8 prompts x k=8 x 128 tokens,
+10 steps, 1 round, TRL without gradient checkpointing; memory is the peak of
+``torch.cuda.max_memory_allocated`` in each run's process. ``--cpu-dry-run`` runs the same path on the
+CPU with ``qwen2-tiny`` and 3 steps of 8 tokens, to show the script works before a GPU is available
+(its numbers mean nothing).
+
     python bench/vs_trl.py                         # 1m and 34m, 20 steps, 2 rounds
     python bench/vs_trl.py --models 1m --steps 10 --rounds 1
+    python bench/vs_trl.py --gpu --json out.json   # on a GPU
+    python bench/vs_trl.py --gpu --cpu-dry-run     # the GPU path on a CPU, tiny model
 """
 
 from __future__ import annotations
@@ -66,7 +76,7 @@ def gvpo_child(spec: dict) -> dict:
     from gvpo.trainer import train
 
     config = load_config(overrides={
-        "model.name_or_path": spec["model"], "model.dtype": "float32", "task.name": "arithmetic",
+        "model.name_or_path": spec["model"], "model.dtype": spec["dtype"], "task.name": "arithmetic",
         "rollout.k": spec["k"], "rollout.max_new_tokens": spec["tokens"],
         "train.prompts_per_step": spec["prompts"], "train.max_steps": spec["steps"], "train.seed": spec["seed"],
         "train.micro_batch_size": 0, "train.eval_every": 0, "train.eval_n": 1, "train.checkpoint_every": 0,
@@ -78,6 +88,7 @@ def gvpo_child(spec: dict) -> dict:
     peak = _models.peak_rss_bytes()
     ss = _models.steady_state(_models.read_metrics(run_dir))
     return {"seconds": ss["seconds"], "steps": ss["steps"], "completions": ss["completions"], "peak_rss": peak,
+            "peak_gpu": peak_gpu_bytes(),
             "mean_completion_len": statistics.mean(r["completion_len"] for r in ss["rows"])}
 
 
@@ -105,13 +116,14 @@ def trl_child(spec: dict) -> dict:
     rows = prompt_rows(spec["steps"], spec["prompts"], spec["seed"])
     per_step = spec["prompts"] * spec["k"]
     args = GRPOConfig(
-        output_dir=spec["out_dir"], use_cpu=True, bf16=False, fp16=False, seed=spec["seed"],
+        output_dir=spec["out_dir"], use_cpu=spec["device"] == "cpu", bf16=spec["dtype"] == "bfloat16", fp16=False,
+        seed=spec["seed"],
         per_device_train_batch_size=per_step, gradient_accumulation_steps=1, num_generations=spec["k"],
         max_completion_length=spec["tokens"], beta=spec["beta"], learning_rate=spec["lr"], max_steps=spec["steps"],
         gradient_checkpointing=spec["gradient_checkpointing"], shuffle_dataset=False,
         temperature=1.0, top_p=1.0, top_k=0, max_grad_norm=1.0,
         report_to="none", logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
-        dataloader_num_workers=0, model_init_kwargs={"dtype": "float32"},
+        dataloader_num_workers=0, model_init_kwargs={"dtype": spec["dtype"]},
     )
     clock = StepClock()
     trainer = GRPOTrainer(model=spec["model"], reward_funcs=exact_match_reward, args=args,
@@ -123,12 +135,21 @@ def trl_child(spec: dict) -> dict:
     if len(clock.ends) < 2:
         raise RuntimeError(f"TRL ran {len(clock.ends)} steps; need at least 2")
     return {"seconds": clock.ends[-1] - clock.ends[0], "steps": len(clock.ends) - 1,
-            "completions": per_step * (len(clock.ends) - 1), "peak_rss": peak,
+            "completions": per_step * (len(clock.ends) - 1), "peak_rss": peak, "peak_gpu": peak_gpu_bytes(),
             "mean_completion_len": statistics.mean(lengths) if lengths else float("nan"),  # the end-of-run log
             "trl_version": trl.__version__}
 
 
+def peak_gpu_bytes() -> int | None:
+    """Peak of ``torch.cuda.max_memory_allocated`` in this process (None without CUDA)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+
+
 def child(spec: dict) -> None:
+    if spec["device"] == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # both trainers pick CUDA when they see it
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -139,6 +160,53 @@ def child(spec: dict) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # parent
+
+GPU_MODE = {"models": "qwen2-0.5b", "steps": 10, "rounds": 1, "prompts": 8, "k": 8, "tokens": 128, "trl": "trl"}
+"""``--gpu`` defaults; ``--cpu-dry-run`` swaps in the tiny model, 3 steps and 8 tokens."""
+DRY_RUN = {"models": "qwen2-tiny", "steps": 3, "tokens": 8}
+
+
+DOC_BEGIN, DOC_END = "<!-- vs_trl table: begin -->", "<!-- vs_trl table: end -->"
+
+
+def table_markdown(header, table, device: str, dtype: str, args, omp: str) -> str:
+    """The results as a markdown table, with what produced them."""
+    import importlib.metadata as md
+    import platform
+    from datetime import date
+
+    import torch
+
+    where = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    versions = ", ".join(f"{name} {md.version(name)}" for name in ("torch", "transformers", "trl", "accelerate"))
+    lines = [f"Measured {date.today()} by `bench/vs_trl.py --gpu` on {where}: {versions}, Python "
+             f"{platform.python_version()}; {dtype}, {args.prompts} prompts x k={args.k} x {args.tokens} tokens per "
+             f"step, {args.steps} steps (the first not timed), best of {args.rounds} round(s). Ratios are gvpo / TRL.",
+             "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in table]
+    return "\n".join(lines)
+
+
+def fill_doc(path: Path, text: str) -> None:
+    """Replace what lies between ``DOC_BEGIN`` and ``DOC_END`` in ``path`` with ``text``."""
+    doc = path.read_text()
+    if DOC_BEGIN not in doc or DOC_END not in doc:
+        raise SystemExit(f"{path}: no {DOC_BEGIN} ... {DOC_END} block to fill")
+    head, rest = doc.split(DOC_BEGIN, 1)
+    path.write_text(f"{head}{DOC_BEGIN}\n{text}\n{DOC_END}{rest.split(DOC_END, 1)[1]}")
+
+
+def apply_gpu_mode(args, argv: list[str]) -> None:
+    """Set the ``--gpu`` (and ``--cpu-dry-run``) defaults on ``args`` for every option not given in ``argv``."""
+    if args.cpu_dry_run and not args.gpu:
+        raise SystemExit("--cpu-dry-run goes with --gpu")
+    if not args.gpu:
+        return
+    given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+    for key, value in {**GPU_MODE, **(DRY_RUN if args.cpu_dry_run else {})}.items():
+        if key not in given:
+            setattr(args, key, value)
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,10 +228,25 @@ def main(argv: list[str] | None = None) -> int:
                         "default gradient checkpointing); default both")
     p.add_argument("--natural-eos", action="store_true",
                    help="let completions end at EOS (default: EOS unreachable, exactly --tokens tokens)")
+    p.add_argument("--gpu", action="store_true",
+                   help="GPU mode: Qwen2-shaped 0.5B, bf16, 8 prompts x 8 x 128 tokens, 10 steps, 1 round, TRL "
+                        "without gradient checkpointing, peak GPU memory (explicit options override these)")
+    p.add_argument("--doc", help="write the results table between the vs_trl markers of this markdown file "
+                                 "(docs/gpu.md's numbers table)")
+    p.add_argument("--cpu-dry-run", action="store_true",
+                   help="with --gpu: the same path on the CPU with qwen2-tiny, 3 steps of 8 tokens (numbers meaningless)")
     parsed = _models.parse_args(p, argv, child)
     if parsed is None:
         return 0
     args, omp = parsed
+    apply_gpu_mode(args, argv if argv is not None else sys.argv[1:])
+    device = "cuda" if args.gpu and not args.cpu_dry_run else "cpu"
+    dtype = "bfloat16" if args.gpu else "float32"
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu: no CUDA device here (use --cpu-dry-run to try the path on the CPU)")
     import importlib.metadata as md
 
     sides = ["gvpo"] + [s.strip() for s in args.trl.split(",") if s.strip()]
@@ -175,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gvpo-vs-trl-") as tmp:
         tmp = Path(tmp)
         for preset in [m.strip() for m in args.models.split(",") if m.strip()]:
-            model = _models.make_llama(tmp / preset, preset, seed=args.seed, unreachable_eos=not args.natural_eos)
+            model = _models.make_model(tmp / preset, preset, seed=args.seed, unreachable_eos=not args.natural_eos)
             params, _ = _models.count_params(model)
             results[preset] = {side: [] for side in sides}
             results[preset]["params"] = params
@@ -184,19 +267,23 @@ def main(argv: list[str] | None = None) -> int:
                 for side in order:
                     spec = {"side": "gvpo" if side == "gvpo" else "trl", "model": str(model), "steps": args.steps,
                             "prompts": args.prompts, "k": args.k, "tokens": args.tokens, "beta": args.beta,
-                            "lr": args.lr, "seed": args.seed, "threads": args.threads,
+                            "lr": args.lr, "seed": args.seed, "threads": args.threads, "device": device,
+                            "dtype": dtype,
                             "gradient_checkpointing": side == "trl-gc",
                             "out_dir": str(tmp / f"{preset}-{side}-{rnd}")}
                     r = _models.run_child(__file__, spec)
                     r["completions_per_s"] = r["completions"] / r["seconds"]
                     results[preset][side].append(r)
+                    gpu = f", peak GPU {_models.gib(r['peak_gpu']):.2f} GiB" if r.get("peak_gpu") else ""
                     print(f"  {preset} {side:7s} round {rnd + 1}: {r['completions_per_s']:7.1f} completions/s, "
-                          f"{r['seconds'] / r['steps']:.3f} s/step, peak {_models.gib(r['peak_rss']):.2f} GiB, "
+                          f"{r['seconds'] / r['steps']:.3f} s/step, peak RSS {_models.gib(r['peak_rss']):.2f} GiB{gpu}, "
                           f"mean length {r['mean_completion_len']:.2f}, load {r['load_before']:.1f}-"
                           f"{r['load_after']:.1f}", flush=True)
 
     print("\nbest round of each (completions/s; peak RSS of that round); ratios gvpo / TRL")
-    header = ("model", "params", "run", "compl/s", "s/step", "peak GiB", "speed ratio", "memory ratio", "goal")
+    memory = "peak_gpu" if device == "cuda" else "peak_rss"
+    header = ("model", "params", "run", "compl/s", "s/step", "peak GPU GiB" if device == "cuda" else "peak GiB",
+              "speed ratio", "memory ratio", "goal")
     table, summary = [], {}
     for preset, runs in results.items():
         best = {side: max(runs[side], key=lambda r: r["completions_per_s"]) for side in sides}
@@ -204,16 +291,17 @@ def main(argv: list[str] | None = None) -> int:
         for side in sides:
             b = best[side]
             speed = g["completions_per_s"] / b["completions_per_s"]
-            mem = g["peak_rss"] / b["peak_rss"]
+            mem = g[memory] / b[memory]
             goal = ""
             if side == "trl" and preset in GOALS:
                 ok = speed >= GOALS[preset] and mem <= 1.0
                 goal = f">= {GOALS[preset]}x, mem <= 1: {'met' if ok else 'NOT met'}"
             table.append((preset, f"{runs['params'] / 1e6:.2f}M", side, f"{b['completions_per_s']:.1f}",
-                          f"{b['seconds'] / b['steps']:.3f}", f"{_models.gib(b['peak_rss']):.2f}",
+                          f"{b['seconds'] / b['steps']:.3f}", f"{_models.gib(b[memory]):.2f}",
                           "" if side == "gvpo" else f"{speed:.2f}x", "" if side == "gvpo" else f"{mem:.2f}", goal))
             summary.setdefault(preset, {})[side] = {"completions_per_s": b["completions_per_s"],
-                                                    "peak_rss": b["peak_rss"], "speed_ratio": speed,
+                                                    "peak_rss": b["peak_rss"], "peak_gpu": b.get("peak_gpu"),
+                                                    "speed_ratio": speed,
                                                     "memory_ratio": mem}
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
@@ -221,8 +309,11 @@ def main(argv: list[str] | None = None) -> int:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
     refs = ", ".join(f"{m}: {c} completions/s, {g} GiB" for m, (c, g) in REFERENCE.items())
     print(f"\nreference (DESIGN.md, TRL 1.16, measured here earlier): {refs}")
+    if args.doc:
+        fill_doc(Path(args.doc), table_markdown(header, table, device, dtype, args, omp))
+        print(f"table written to {args.doc}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"omp_wait_policy": omp, "load_end": _models.load_average(),
+        Path(args.json).write_text(json.dumps({"device": device, "dtype": dtype, "omp_wait_policy": omp, "load_end": _models.load_average(),
                                                "args": vars(args), "runs": results, "summary": summary}, indent=1))
     return 0
 

@@ -100,7 +100,7 @@ def test_resume_restores_the_replay_buffer_exactly(model_dir, tmp_path):
     replay = {"sampler.source": "replay", "sampler.replay_historical": 2, "train.checkpoint_every": 2}
     straight = train(load_config(None, overrides(model_dir, tmp_path, "straight", **replay, **{"train.max_steps": 4})))
     first = train(load_config(None, overrides(model_dir, tmp_path, "split", **replay, **{"train.max_steps": 2})))
-    assert json.loads((first / "checkpoints" / "step-000002" / "sampler.json").read_text())["buffer"]
+    assert json.loads((first / "checkpoints" / "step-000002" / "sampler-0.json").read_text())["buffer"]
     shutil.rmtree(first / "final")
     resumed = train(load_config(first / "config.yaml", {"train.max_steps": 4}), resume=first)
     assert_same_params(final_params(straight), final_params(resumed), atol=1e-6)

@@ -162,12 +162,12 @@ def test_resume_with_no_checkpoint_restarts_from_zero_without_duplicate_rows(run
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(run_copy, capsys):
-    model = run_copy / "checkpoints" / "step-000002" / "model.safetensors"
+    model = next((run_copy / "checkpoints" / "step-000002" / "shards").glob("*.safetensors"))
     model.write_bytes(model.read_bytes()[:100])  # truncated
     code, err = gvpo(["train", "--resume", str(run_copy), "train.max_steps=3"], capsys)
     assert code == 0, err
     warning = next(line for line in err if "damaged" in line)
-    assert "step-000002" in warning and "model.safetensors" in warning and "resuming from step-000001" in warning
+    assert "step-000002" in warning and model.name in warning and "resuming from step-000001" in warning
     assert steps(run_copy) == [0, 1, 2, 3]
     assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
 
@@ -207,9 +207,11 @@ def test_a_failed_checkpoint_write_names_the_folder_and_keeps_the_last_one(run_c
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     before = {p: p.read_bytes() for p in (run_copy / "checkpoints").rglob("*") if p.is_file()}
+    from accelerate import Accelerator
+
     with pytest.raises(ckpt.CheckpointWriteError) as err:
-        ckpt.save_checkpoint(run_copy / "checkpoints", 3, model=model, optimizer=optimizer, scheduler=scheduler,
-                             trainer_state={"step": 3}, keep=1)
+        ckpt.save_checkpoint(run_copy / "checkpoints", 3, accelerator=Accelerator(cpu=True), policy=model,
+                             optimizer=optimizer, scheduler=scheduler, trainer_state={"step": 3}, keep=1)
     assert ".tmp-step-000003: No space left on device" in str(err.value)
     assert "step-000002 is kept" in str(err.value)
     assert {p: p.read_bytes() for p in (run_copy / "checkpoints").rglob("*") if p.is_file()} == before
@@ -217,7 +219,9 @@ def test_a_failed_checkpoint_write_names_the_folder_and_keeps_the_last_one(run_c
 
 def test_saved_weights_follow_the_umask_not_0600(finished):
     mode = 0o666 & ~_umask()
-    for path in [finished / "final" / "model.safetensors", finished / "checkpoints" / "step-000002" / "model.safetensors"]:
+    shards = sorted((finished / "checkpoints" / "step-000002" / "shards").glob("*.safetensors"))
+    assert shards
+    for path in [finished / "final" / "model.safetensors", *shards]:
         assert path.stat().st_mode & 0o777 == mode, path
 
 

@@ -1,10 +1,27 @@
-"""Atomic checkpoints and exact resume: model, optimizer, scheduler, RNG states, data position, replay.
+"""Atomic checkpoints that every process writes its own part of, and exact resume from them.
 
-A checkpoint is written to ``checkpoints/.tmp-step-N``, sealed with a manifest of its files' sizes and hashes
-(:mod:`gvpo.checkpoint_manifest`, written last) and renamed to ``checkpoints/step-N``, so a crash mid-write
-leaves the previous checkpoint intact. Older checkpoints are deleted only once the new one checks out, and a
-resume uses the newest checkpoint that matches its manifest. Tensors go through safetensors; everything else
-through ``torch.save`` and is read back with ``weights_only=True``.
+``checkpoints/step-N`` is one folder per step, first written as ``checkpoints/.tmp-step-N`` and renamed by
+the main process once every process has finished its files, so a crash mid-write leaves the previous
+checkpoint intact. The main process seals it with ``manifest.json`` (every file's size and SHA-256,
+:mod:`gvpo.checkpoint_manifest`, written last) before the rename; a resume uses the newest checkpoint that
+matches its manifest, and older checkpoints are deleted only once the new one checks out. Its files:
+
+- ``shards/``: the trainable weights (``model.*``) and the AdamW state (``optim.*``) through
+  ``torch.distributed.checkpoint`` with its safetensors writer: process R writes
+  ``shard-<R+1>-model-00001-of-00001.safetensors`` with only what it holds (its FSDP2 shards; under DDP or
+  one process the replicated tensors are written once). Each file's header records the tensors' global
+  offsets, so a run with another number of processes reshards them when it loads.
+- ``rng-R.pt`` and ``sampler-R.json``: process R's RNG states and sampler state (the replay buffer holds
+  that process's groups).
+- ``state.pt``: scheduler and the optimizer's hyper-parameters (``param_groups``); ``reference.safetensors``
+  when the reference moves (``objective.ref_sync_steps``); ``trainer_state.json``, last. Main process only.
+- DeepSpeed (UNVERIFIED, no GPU here): ``deepspeed/`` holds the engine's own per-process checkpoint instead
+  of ``shards/`` (its ``save_checkpoint``, what accelerate's ``save_state`` calls).
+
+Why not accelerate's ``save_state``: on CPU processes accelerate never runs as FSDP (its distributed type is
+MULTI_CPU, see :mod:`gvpo.sharding`), so its ``save_state`` would write the main process's shards only.
+``torch.distributed.checkpoint`` handles one process, DDP, torch's ``fully_shard`` and accelerate's FSDP2
+alike. Tensors go through safetensors; ``.pt`` files are read back with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -13,15 +30,24 @@ import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
+from accelerate import DistributedType
 from accelerate.utils import extract_model_from_parallel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 from . import checkpoint_manifest as manifest
 from .run_folder import share_like_umask
+
+SHARDS = "shards"
+DEEPSPEED = "deepspeed"
 
 
 class CheckpointWriteError(RuntimeError):
@@ -42,45 +68,105 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
 
 
-def trainable_state(model: torch.nn.Module) -> dict:
-    """Parameters that train (all weights, or only LoRA adapters), contiguous for safetensors."""
-    model = extract_model_from_parallel(model)
+def _torch_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+
+
+def _tensor_state(policy, optimizer) -> tuple[dict, list]:
+    """``{"model": trainable weights, "optim": AdamW state}`` keyed by parameter names, as this process holds
+    them (DTensor shards under FSDP2), and the optimizer's ``param_groups`` (hyper-parameters, parameter
+    names). Tied weights appear once (``named_parameters`` drops duplicates)."""
+    model = extract_model_from_parallel(policy)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items() if n in names}
+    weights = {k: v for k, v in get_model_state_dict(model).items() if k in names}
+    optim = get_optimizer_state_dict(model, _torch_optimizer(optimizer))
+    return {"model": weights, "optim": optim["state"]}, optim["param_groups"]
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, *, model, optimizer, scheduler, trainer_state: dict,
-                    reference_state: dict | None = None, sampler_state: dict | None = None, keep: int = 2) -> Path:
-    """Write ``ckpt_dir/step-<step>`` atomically, sealed by a manifest; keep the newest ``keep`` intact ones
-    (0 = all); return its path. A write that fails raises ``CheckpointWriteError`` naming the folder and what
-    failed, and leaves every earlier checkpoint as it was."""
-    final = ckpt_dir / f"step-{step:06d}"
-    tmp = ckpt_dir / f".tmp-step-{step:06d}"
-    try:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file(trainable_state(model), str(tmp / "model.safetensors"))
-        if reference_state:
-            save_file({k: v.contiguous().cpu() for k, v in reference_state.items()}, str(tmp / "reference.safetensors"))
-        (tmp / "sampler.json").write_text(json.dumps(sampler_state or {}))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+SINGLE_PROCESS_WARNING = ".*torch.distributed is disabled, unavailable or uninitialized.*"
+"""What torch.distributed.checkpoint warns on every call without a process group (one process: intended)."""
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, *, accelerator, policy, optimizer, scheduler, trainer_state: dict,
+                    reference_model=None, sampler_state: dict | None = None, keep: int = 2) -> Path:
+    """Write ``ckpt_dir/step-<step>`` atomically, sealed by a manifest, and keep the newest ``keep`` intact ones
+    (0 = all); returns its path.
+
+    A collective: every process calls it, writes its own files, and returns once the folder is renamed.
+    ``reference_model``: a moving reference (``ref_sync_steps``), saved by the main process. A write that
+    fails on any process raises ``CheckpointWriteError`` on every process (naming the folder and what failed
+    where it failed) and leaves every earlier checkpoint as it was."""
+    rank, main = accelerator.process_index, accelerator.is_main_process
+    final, tmp = ckpt_dir / f"step-{step:06d}", ckpt_dir / f".tmp-step-{step:06d}"
+    error = _attempt(lambda: _fresh_folder(tmp)) if main else None
+    _raise_if_any(accelerator, error, ckpt_dir, tmp)
+    if not tmp.is_dir():  # several nodes: every process must see the folder the main process made
+        raise RuntimeError(f"process {rank} cannot see {tmp}, which the main process created: with several nodes "
+                           "output.dir must be on storage every node shares (NFS, Lustre, ...)")
+    param_groups = []
+
+    def write_own_part():
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            policy.save_checkpoint(str(tmp / DEEPSPEED), tag="engine")  # every rank its partitions
+        else:
+            tensors, groups = _tensor_state(policy, optimizer)
+            param_groups.append(groups)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
+                dcp.save(tensors,
+                         storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True))
+        torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+        (tmp / f"sampler-{rank}.json").write_text(json.dumps(sampler_state or {}))
+        _fsync_files(tmp, [f"rng-{rank}.pt", f"sampler-{rank}.json"])
+
+    _raise_if_any(accelerator, _attempt(write_own_part), ckpt_dir, tmp)
+
+    def seal():
+        torch.save({"scheduler": scheduler.state_dict(), "param_groups": param_groups[0] if param_groups else None},
                    tmp / "state.pt")
+        if reference_model is not None:  # save_model stores tied weights once (save_file refuses shared tensors)
+            save_model(reference_model, str(tmp / "reference.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
-        _fsync_files(tmp)
+        _fsync_files(tmp, ["state.pt", "reference.safetensors", "trainer_state.json"])
         manifest.write_manifest(tmp)
         share_like_umask(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _fsync_files(ckpt_dir)
-    except Exception as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        last, _ = manifest.newest_intact(ckpt_dir, hashes=False)
-        kept = f"the last intact checkpoint {last} is kept" if last else "no earlier checkpoint exists"
-        raise CheckpointWriteError(f"could not write checkpoint {tmp}: {_reason(err)}; {kept}") from err
-    if manifest.problem(final, hashes=False) is None:  # only a verified new checkpoint retires older ones
+        _fsync_dir(ckpt_dir)
+
+    _raise_if_any(accelerator, _attempt(seal) if main else None, ckpt_dir, tmp)
+    if main and manifest.problem(final, hashes=False) is None:  # only a verified new checkpoint retires older ones
         rotate(ckpt_dir, keep)
+    accelerator.wait_for_everyone()
     return final
+
+
+def _fresh_folder(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+def _attempt(write) -> Exception | None:
+    try:
+        write()
+    except Exception as err:  # reported on every process by _raise_if_any
+        return err
+    return None
+
+
+def _raise_if_any(accelerator, error: Exception | None, ckpt_dir: Path, tmp: Path) -> None:
+    """Stop every process when any one failed to write (the others would wait at the next barrier forever);
+    the temporary folder goes, earlier checkpoints stay."""
+    failed = accelerator.reduce(torch.tensor([float(error is not None)], device=accelerator.device), "sum")
+    if float(failed[0]) == 0:
+        return
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    last, _ = manifest.newest_intact(ckpt_dir, hashes=False)
+    kept = f"the last intact checkpoint {last} is kept" if last else "no earlier checkpoint exists"
+    what = _reason(error) if error is not None else "another process failed to write its part"
+    raise CheckpointWriteError(f"could not write checkpoint {tmp}: {what}; {kept}") from error
 
 
 def _reason(err: Exception) -> str:
@@ -102,11 +188,19 @@ def rotate(ckpt_dir: Path, keep: int) -> None:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync_files(path: Path) -> None:
-    for f in path.iterdir() if path.is_dir() else []:
-        if f.is_file():
-            with open(f, "rb") as fh:
+def _fsync_files(folder: Path, names: list[str]) -> None:
+    for name in names:
+        if (folder / name).is_file():
+            with open(folder / name, "rb") as fh:
                 os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -114,14 +208,35 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return manifest.newest_intact(ckpt_dir)[0]
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler, reference_model=None) -> tuple[dict, dict]:
-    """Restore everything saved by ``save_checkpoint``; returns (trainer_state, sampler_state)."""
-    extract_model_from_parallel(model).load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
-    if reference_model is not None and (path / "reference.safetensors").exists():
-        reference_model.load_state_dict(load_file(str(path / "reference.safetensors")))
+def load_checkpoint(path: Path, *, accelerator, policy, optimizer, scheduler, reference_model=None) -> tuple[dict, dict]:
+    """Restore what :func:`save_checkpoint` wrote, on every process (a collective); returns (trainer_state,
+    this process's sampler_state). Weights and optimizer state reshard to the current number of processes;
+    a sampler state that is not empty (the replay buffer) needs the same number."""
+    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    saved, world, rank = trainer_state.get("processes", 1), accelerator.num_processes, accelerator.process_index
+    if (path / "model.safetensors").exists() and not (path / SHARDS).exists():
+        raise ValueError(f"{path} is a checkpoint of an older gvpo (one model.safetensors, no {SHARDS}/ folder); "
+                         "resume it with the gvpo version that wrote it")
+    samplers = [json.loads((path / f"sampler-{r}.json").read_text()) for r in range(saved)]
+    if saved != world and any(samplers):
+        raise ValueError(f"{path} was written by {saved} processes and this run has {world}: its sampler state "
+                         "(the replay buffer) is kept per process and cannot be split or merged; resume with "
+                         f"{saved} processes")
     state = torch.load(path / "state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        policy.load_checkpoint(str(path / DEEPSPEED), tag="engine")
+    else:
+        tensors, _ = _tensor_state(policy, optimizer)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
+            dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(path / SHARDS)))
+        model = extract_model_from_parallel(policy)
+        set_model_state_dict(model, tensors["model"], options=StateDictOptions(strict=False))
+        set_optimizer_state_dict(model, _torch_optimizer(optimizer),
+                                 {"state": tensors["optim"], "param_groups": state["param_groups"]})
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    sampler = json.loads((path / "sampler.json").read_text()) if (path / "sampler.json").exists() else {}
-    return json.loads((path / "trainer_state.json").read_text()), sampler
+    if reference_model is not None and (path / "reference.safetensors").exists():
+        load_model(reference_model, str(path / "reference.safetensors"))
+    if (path / f"rng-{rank}.pt").exists():  # a run that grew has no saved state for its new ranks: they keep the seed's
+        set_rng_state(torch.load(path / f"rng-{rank}.pt", weights_only=True))
+    return trainer_state, samplers[rank] if rank < saved else {}

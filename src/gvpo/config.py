@@ -172,6 +172,8 @@ class TrainConfig:
     """Atomic checkpoint every N steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = 2
     """Most recent checkpoints kept on disk."""
+    fsdp: bool = False
+    """Shard the policy over the processes with torch's FSDP2 (``fully_shard`` per decoder layer, then the root) when accelerate has not: CPU processes under ``torchrun``, or plain multi-GPU. Under accelerate's own FSDP config it is already sharded; DeepSpeed refuses it. Needs full weights (no ``model.lora``), and the ``policy`` sampler or another that generates on every process at every step (docs/gpu.md)."""
 
 
 @dataclass
@@ -332,6 +334,9 @@ def validate(config: RunConfig) -> RunConfig:
     if config.sampler.source == "replay" and not 0 <= config.sampler.replay_revisit < 1:
         raise ConfigError(f"sampler.replay_revisit must be in [0, 1), got {config.sampler.replay_revisit}: at 1 no "
                           "new prompt enters after the first step, so training would cycle over its prompts")
+    if config.train.fsdp and config.model.lora:
+        raise ConfigError("train.fsdp with model.lora: sharded LoRA adapters are not supported (merging them for "
+                          "final/ needs the full weights); use one of the two")
     if config.task.reward_weights and len(config.task.reward_weights) != len(config.task.rewards):
         raise ConfigError(f"task.reward_weights has {len(config.task.reward_weights)} values for "
                           f"{len(config.task.rewards)} task.rewards")

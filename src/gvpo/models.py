@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from .config import ConfigError, ModelConfig
+from .sharding import gathered_state_dict
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -163,10 +164,7 @@ class Reference:
         if self.lora:
             raise ValueError("objective.ref_sync_steps needs a full-weight policy; with model.lora the "
                              "reference is the base model and cannot move")
-        self.model.load_state_dict(extract_model_from_parallel(policy).state_dict())
-
-    def state_dict(self) -> dict:
-        return {} if self.lora else self.model.state_dict()
+        self.model.load_state_dict(gathered_state_dict(policy))
 
 
 @contextlib.contextmanager
@@ -182,10 +180,11 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def save_pretrained(model: torch.nn.Module, tokenizer, path: Path) -> None:
-    """Save a folder loadable by plain ``AutoModelForCausalLM.from_pretrained`` (LoRA merged)."""
+def save_pretrained(model: torch.nn.Module, tokenizer, path: Path, state_dict: dict | None = None) -> None:
+    """Save a folder loadable by plain ``AutoModelForCausalLM.from_pretrained`` (LoRA merged). ``state_dict``:
+    the full weights when ``model`` holds only shards (:func:`gvpo.sharding.full_state_dict`)."""
     model = extract_model_from_parallel(model)
     if hasattr(model, "merge_and_unload"):
-        model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(path, safe_serialization=True)
+        model, state_dict = copy.deepcopy(model).merge_and_unload(), None
+    model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(path)

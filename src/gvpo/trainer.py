@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedType
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -44,6 +45,7 @@ from .reward_checks import RewardError
 from .rewards import combine
 from .rollout import SamplingParams, create_engine
 from .samplers import create_sampler, step_rows
+from .sharding import SHARDABLE, full_state_dict, is_sharded, shard
 from .tasks import get_task
 from .update import NonFiniteError, fill_rollout_logps, update
 
@@ -65,7 +67,7 @@ def fused_adam_ok(params, accelerator: Accelerator) -> bool:
     parameters, the default stays."""
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     return bool(params) and not sharded and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
-                                                for p in params)
+                                                and type(p) is torch.nn.Parameter for p in params)  # no DTensor
 
 
 def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
@@ -119,6 +121,8 @@ def setup(config: RunConfig, *, resume: str | Path | None = None, overwrite: boo
     changed = run_folder.check(run_dir, config, resume=bool(resume), overwrite=overwrite, allowed=allow_changes)
     report_to = [t for t in config.output.report_to if t != "none"]
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=report_to or None, project_dir=run_dir)
+    if accelerator.num_processes > 1:  # the dated default name comes from each process's clock: take the main one's
+        run_dir = Path(broadcast_object_list([str(run_dir)])[0])
     world, cfg_train, cfg_obj = accelerator.num_processes, config.train, config.objective
     if cfg_train.prompts_per_step % (world * cfg_train.mini_batches):
         raise ConfigError(f"train.prompts_per_step={cfg_train.prompts_per_step} must be divisible by "
@@ -134,6 +138,12 @@ def setup(config: RunConfig, *, resume: str | Path | None = None, overwrite: boo
 
     policy, tokenizer = load_checked(config.model, accelerator.device, progress=config.output.progress)
     reference = Reference(policy, config.model.lora) if cfg_obj.reference == "fixed" else None
+    shard_here = cfg_train.fsdp and world > 1 and accelerator.distributed_type in SHARDABLE
+    if cfg_train.fsdp and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError("train.fsdp with a DeepSpeed accelerate config: DeepSpeed partitions the model itself; "
+                         "drop train.fsdp or use an FSDP config")
+    if shard_here:  # accelerate prepared no sharding (CPU processes, plain DDP): torch's fully_shard does it
+        shard(policy)
     objective = create_objective(cfg_obj, max_completion_length=max_new_tokens)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.optim.lr, betas=(config.optim.adam_beta1, config.optim.adam_beta2),
@@ -141,7 +151,10 @@ def setup(config: RunConfig, *, resume: str | Path | None = None, overwrite: boo
                                   fused=fused_adam_ok(trainable, accelerator) or None)
     optimizer_steps = cfg_train.max_steps * cfg_train.updates_per_batch * cfg_train.mini_batches
     scheduler = make_scheduler(optimizer, config.optim.scheduler, config.optim.warmup_steps, optimizer_steps)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
+    if shard_here:  # wrapping the sharded model in DDP as well would all-reduce DTensor gradients
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        policy, optimizer = accelerator.prepare(policy, optimizer)
     model = accelerator.unwrap_model(policy)
     engine = create_engine(config.rollout.engine, model, tokenizer, share_prompts=cfg_train.share_prompts,
                            gpu_memory_utilization=config.rollout.vllm_gpu_memory_utilization)
@@ -159,8 +172,10 @@ def setup(config: RunConfig, *, resume: str | Path | None = None, overwrite: boo
     with run_folder.released_on_error(lock):
         last = run_folder.resume_point(run_dir, say=say if accelerator.is_main_process else None) if resume else None
         if last is not None:
-            state, sampler_state = ckpt.load_checkpoint(last, model=model, optimizer=optimizer, scheduler=scheduler,
+            state, sampler_state = ckpt.load_checkpoint(last, accelerator=accelerator, policy=policy,
+                                                        optimizer=optimizer, scheduler=scheduler,
                                                         reference_model=reference.model if reference else None)
+            state["processes"] = world
             sampler.load_state(sampler_state)
         log = None
         if accelerator.is_main_process:
@@ -195,8 +210,10 @@ def run_loop(run: Run, stop: StopRequests) -> None:
     config = run.config
     cfg_train, accelerator, state = config.train, run.accelerator, run.state
     rank, world = accelerator.process_index, accelerator.num_processes
-    if state["step"] == 0 and run.log:
-        run.log.log({"step": 0, "samples": 0, "time_s": 0.0, **evaluate_all(run, 0)})
+    if state["step"] == 0:
+        initial = evaluate_all(run, 0)  # on every process: each forward of a sharded policy is a collective
+        if run.log:
+            run.log.log({"step": 0, "samples": 0, "time_s": 0.0, **initial})
 
     bar = tqdm(total=cfg_train.max_steps, initial=state["step"], desc="gvpo",
                disable=not (config.output.progress and accelerator.is_main_process))
@@ -222,6 +239,7 @@ def run_loop(run: Run, stop: StopRequests) -> None:
         size = len(groups) // cfg_train.mini_batches
         chunks = [groups[j * size : (j + 1) * size] for j in range(cfg_train.mini_batches)]
         batches = [build_batch(chunk, run.tokenizer, accelerator.device) for chunk in chunks]
+        check_micro_batches(run, batches)
         for chunk, batch in zip(chunks, batches):
             if run.reference is not None:
                 batch.ref_token_logps = reference_token_logps(run, chunk, batch)
@@ -314,6 +332,21 @@ def stop_with_checkpoint(run: Run, signum: int) -> None:
                       + resume_hint(run.run_dir, path), signum)
 
 
+def check_micro_batches(run: Run, batches: list[Batch]) -> None:
+    """A sharded policy's every forward is a collective, so all processes must run as many micro-batches in each
+    mini-batch; with completions dropped (``None`` rewards) their row counts, and so their micro-batch counts,
+    can differ. Stops with the counts instead of hanging."""
+    size, accelerator = run.config.train.micro_batch_size, run.accelerator
+    if not size or accelerator.num_processes == 1 or not is_sharded(run.policy):
+        return
+    mine = torch.tensor([-(-len(b) // size) for b in batches], device=accelerator.device)
+    counts = accelerator.gather(mine[None]).reshape(accelerator.num_processes, -1)
+    if bool((counts != counts[0]).any()):
+        raise RuntimeError(f"sharded training: the processes have {counts.tolist()} micro-batches per mini-batch "
+                           f"this step (train.micro_batch_size={size}); every process must run the same number of "
+                           "forward passes. Use train.micro_batch_size=0 (one pass per process and mini-batch)")
+
+
 def process_rows(rows: list, rank: int, world: int, mini_batches: int) -> list:
     """This process's rows of a step, in mini-batch order: of mini-batch ``j``'s contiguous share of the
     step's rows, the ``rank``-th part, so a mini-batch holds the same groups for any number of processes.
@@ -369,16 +402,12 @@ def evaluate_all(run: Run, step: int) -> dict:
 
 
 def save_checkpoint(run: Run) -> None:
-    """Atomic checkpoint of the current step (main process writes; all processes wait)."""
-    accelerator, reference = run.accelerator, run.reference
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        keep_reference = reference is not None and run.config.objective.ref_sync_steps
-        ckpt.save_checkpoint(run.run_dir / "checkpoints", run.state["step"], model=run.model, optimizer=run.optimizer,
-                             scheduler=run.scheduler, trainer_state=run.state, keep=run.config.train.keep_checkpoints,
-                             reference_state=reference.state_dict() if keep_reference else None,
-                             sampler_state=run.sampler.state())
-    accelerator.wait_for_everyone()
+    """Atomic checkpoint of the current step: every process writes its shards, the main process the rest."""
+    moving = run.reference is not None and run.config.objective.ref_sync_steps and run.accelerator.is_main_process
+    ckpt.save_checkpoint(run.run_dir / "checkpoints", run.state["step"], accelerator=run.accelerator, policy=run.policy,
+                         optimizer=run.optimizer, scheduler=run.scheduler, trainer_state=run.state,
+                         keep=run.config.train.keep_checkpoints, sampler_state=run.sampler.state(),
+                         reference_model=run.reference.model if moving else None)
 
 
 def finish(run: Run) -> None:
@@ -386,8 +415,9 @@ def finish(run: Run) -> None:
     every = run.config.train.checkpoint_every
     if not (every and run.state["step"] % every == 0):
         save_checkpoint(run)
+    weights = full_state_dict(run.policy, run.accelerator)  # gathered from every process's shards
     if run.accelerator.is_main_process:
-        save_pretrained(run.model, run.tokenizer, run.run_dir / "final")
+        save_pretrained(run.model, run.tokenizer, run.run_dir / "final", state_dict=weights)
         run_folder.share_like_umask(run.run_dir / "final")  # safetensors writes 0600
         if run.config.output.plots:
             plot_metrics(read_metrics(run.run_dir / "metrics.jsonl"), run.run_dir / "plots.png", title=run.run_dir.name)

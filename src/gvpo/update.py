@@ -43,10 +43,14 @@ def update(policy, optimizer, batch: Batch, objective, *, micro_batch_size: int,
     scale = accelerator.num_processes / global_norm if global_norm > 0 else 0.0
     for i, sl in enumerate(slices):
         last = i == len(slices) - 1
+        # accelerate's accumulation boundary: under DeepSpeed, backward also steps the optimizer, and does so only
+        # when sync_gradients is set, so only the last micro-batch may set it (elsewhere it only gates the step)
+        accelerator.sync_gradients = last
         with accelerator.no_sync(policy) if not last else contextlib.nullcontext():
             tl = token_logps if token_logps is not None else token_logps_for(policy, batch, sl, share_prompts)
             loss = objective.micro_loss(tl, batch, sl, prepared) * scale
             if not torch.isfinite(loss):
+                accelerator.sync_gradients = True
                 raise NonFiniteError(f"non-finite loss ({loss.item()}) at a micro-batch of rows {sl.start}:{sl.stop}; "
                                      "stopping with the last checkpoint intact")
             accelerator.backward(loss)

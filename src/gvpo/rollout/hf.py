@@ -10,11 +10,13 @@ generate the same groups.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from ..logprobs import cache_argument, caches_prompts, prompt_cache, prompt_owners
+from ..sharding import is_sharded
 from .base import Generation, SamplingParams, completion_mask_from_ids
 
 
@@ -70,6 +72,13 @@ def eos_ids(tokenizer, model) -> list[int]:
     return sorted(set(ids if isinstance(ids, list) else [ids]))
 
 
+def synced_processes(model) -> bool:
+    """Whether ``generate`` must keep every process stepping until all are done: each forward of a sharded
+    model (FSDP, ZeRO-3) gathers weights with the others. transformers detects ZeRO-3 and its own FSDP2
+    wrapping but not accelerate's or gvpo's ``fully_shard``, so gvpo tells it."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and is_sharded(model)
+
+
 class HFEngine:
     """Batched ``model.generate`` on the policy itself: there are no separate weights to sync."""
 
@@ -113,7 +122,8 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_config,
-                                  logits_processor=processors, **self._shared_prompt_cache(prompt_ids, prompt_mask))
+                                  logits_processor=processors, synced_gpus=synced_processes(self.model),
+                                  **self._shared_prompt_cache(prompt_ids, prompt_mask))
         self.model.train(was_training)
         completion_ids = out[:, prompt_ids.shape[1]:]
         mask = completion_mask_from_ids(completion_ids, eos)
