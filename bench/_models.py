@@ -78,7 +78,6 @@ def build_tokenizer(*, unreachable_eos: bool = False, size: int = VOCAB):
 
 def make_llama(path: str | Path, preset: str, *, seed: int = 0, unreachable_eos: bool = False) -> Path:
     """Save a randomly initialised Llama of ``preset`` and the character tokenizer to ``path``."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = PRESETS[preset]
@@ -87,25 +86,30 @@ def make_llama(path: str | Path, preset: str, *, seed: int = 0, unreachable_eos:
                          num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
                          num_key_value_heads=shape["heads"], max_position_embeddings=128, pad_token_id=PAD_ID,
                          bos_token_id=BOS_ID, eos_token_id=eos, tie_word_embeddings=False)
+    return _save_random(path, LlamaForCausalLM, config, seed=seed, eos=eos,
+                        tokenizer=build_tokenizer(unreachable_eos=unreachable_eos))
+
+
+def _save_random(path, model_class, config, *, seed: int, eos: int, tokenizer) -> Path:
+    """A randomly initialised ``model_class(config)`` (seeded) saved with ``tokenizer`` to ``path``."""
+    import torch
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = model_class(config)
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = PAD_ID
     model.generation_config.bos_token_id = BOS_ID
     path = Path(path)
     model.save_pretrained(path, safe_serialization=True)
-    build_tokenizer(unreachable_eos=unreachable_eos).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
 
 
 def make_qwen2(path: str | Path, preset: str, *, seed: int = 0, unreachable_eos: bool = False) -> Path:
     """Save a randomly initialised Qwen2 of ``QWEN2_PRESETS[preset]`` and the padded character tokenizer."""
-    import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    from transformers.utils import logging as hf_logging
 
     shape = QWEN2_PRESETS[preset]
     eos = shape["vocab"] if unreachable_eos else EOS_ID
@@ -113,16 +117,8 @@ def make_qwen2(path: str | Path, preset: str, *, seed: int = 0, unreachable_eos:
                          num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
                          num_key_value_heads=shape["kv_heads"], max_position_embeddings=512, pad_token_id=PAD_ID,
                          bos_token_id=BOS_ID, eos_token_id=eos, tie_word_embeddings=True)
-    hf_logging.disable_progress_bar()
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
-    model.generation_config.eos_token_id = eos
-    model.generation_config.pad_token_id = PAD_ID
-    model.generation_config.bos_token_id = BOS_ID
-    path = Path(path)
-    model.save_pretrained(path, safe_serialization=True)
-    build_tokenizer(unreachable_eos=unreachable_eos, size=shape["vocab"]).save_pretrained(path)
-    return path
+    return _save_random(path, Qwen2ForCausalLM, config, seed=seed, eos=eos,
+                        tokenizer=build_tokenizer(unreachable_eos=unreachable_eos, size=shape["vocab"]))
 
 
 def make_model(path: str | Path, preset: str, *, seed: int = 0, unreachable_eos: bool = False) -> Path:
