@@ -417,6 +417,11 @@ def to_dict(config: RunConfig) -> dict:
     return dataclasses.asdict(config)
 
 
+def flat_dict(config: RunConfig) -> dict:
+    """``{"section.key": value}`` for every key, as written in overrides."""
+    return {f"{section}.{key}": value for section, fields in to_dict(config).items() for key, value in fields.items()}
+
+
 def save_config(config: RunConfig, path: str | Path) -> None:
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(to_dict(config), f, sort_keys=False)

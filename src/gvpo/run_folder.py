@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import shutil
@@ -116,10 +115,6 @@ class RunLock:
             self._file = None
 
 
-def _flat(config) -> dict:
-    return {f"{s}.{k}": v for s, fields in dataclasses.asdict(config).items() for k, v in fields.items()}
-
-
 def saved_changes(run_dir: Path) -> dict:
     """``key -> value`` changed by earlier resumes (``resumes.jsonl``), in order, later ones winning."""
     path = Path(run_dir) / "resumes.jsonl"
@@ -141,7 +136,9 @@ def saved_config(run_dir: Path):
 def resume_changes(run_dir: Path, config, allowed=()) -> dict:
     """``key -> (saved, new)`` for every key where ``config`` differs from the run's saved config; raises
     ``RunFolderError`` naming the keys that may not change (see :data:`RESUMABLE`; ``allowed`` adds more)."""
-    old, new = _flat(saved_config(run_dir)), _flat(config)
+    from .config import flat_dict
+
+    old, new = flat_dict(saved_config(run_dir)), flat_dict(config)
     changed = {k: (old[k], new[k]) for k in old if old[k] != new[k]}
     refused = {k: "" for k in sorted(changed) if k not in RESUMABLE and k not in allowed}
     if "train.max_steps" in changed and config.optim.scheduler != "constant" and "train.max_steps" not in allowed:

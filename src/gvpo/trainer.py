@@ -14,7 +14,6 @@ Where this departs from the paper, and why:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import signal
 import sys
@@ -33,7 +32,7 @@ from transformers import get_scheduler
 from . import checkpoint as ckpt
 from . import run_folder
 from .batch import Batch, Group, all_token_logps, build_batch
-from .config import ConfigError, RunConfig, save_config
+from .config import ConfigError, RunConfig, flat_dict, save_config
 from .evaluate import evaluate
 from .interrupt import Interrupted, StopRequests, resume_hint
 from .logprobs import sequence_logps
@@ -62,9 +61,8 @@ def run_dir_for(config: RunConfig) -> Path:
 
 def fused_adam_ok(params, accelerator: Accelerator) -> bool:
     """Use torch's fused AdamW: one kernel for all tensors (faster on CPU: bench/README.md, section "Where the
-    time can go down", item 2). It needs
-    floating-point tensors on CPU or CUDA; under FSDP and DeepSpeed, which shard or replace the optimizer's
-    parameters, the default stays."""
+    time can go down", item 2). It needs floating-point tensors on CPU or CUDA; under FSDP and DeepSpeed, which
+    shard or replace the optimizer's parameters, the default stays."""
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     return bool(params) and not sharded and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
                                                 and type(p) is torch.nn.Parameter for p in params)  # no DTensor
@@ -162,7 +160,8 @@ def setup(config: RunConfig, *, resume: str | Path | None = None, overwrite: boo
                              k=config.rollout.k, seed=cfg_train.seed, max_new_tokens=max_new_tokens,
                              cache_dir=Path(config.output.dir) / ".ref_cache")
 
-    state = {"step": 0, "samples": 0, "trained": 0, "optimizer_steps": 0, "elapsed_s": 0.0, "processes": world}
+    state = {"step": 0, "samples": 0, "trained": 0, "optimizer_steps": 0, "skipped_steps": 0, "elapsed_s": 0.0,
+             "processes": world}
     lock = None
     if accelerator.is_main_process:
         lock = run_folder.open_locked(run_dir, resume=bool(resume), overwrite=overwrite)
@@ -183,7 +182,7 @@ def setup(config: RunConfig, *, resume: str | Path | None = None, overwrite: boo
             log.truncate_after(state["step"] if last is not None else -1)
             if resume:
                 run_folder.record_resume(run_dir, state["step"], changed)
-        accelerator.init_trackers("tensorboard", config=flat_config(config))
+        accelerator.init_trackers("tensorboard", config=tracker_config(config))
     return Run(config, accelerator, task, reward_fn, eval_tasks, policy, tokenizer, reference, objective, optimizer,
                scheduler, engine, SamplingParams(max_new_tokens, config.rollout.temperature, config.rollout.top_p),
                sampler, run_dir, state, log, lock)
@@ -234,16 +233,17 @@ def run_loop(run: Run, stop: StopRequests) -> None:
             skip_step(run, step, generated, dropped, bar)
             continue
 
-        # 3. one batch per mini-batch of whole groups, with reference log-probs (fixed reference); with
-        #    several mini-batches, pi_old and a rollout reference are taken now, before any update moves the policy
+        # 3. one batch per mini-batch of whole groups, with reference log-probs (fixed reference); pi_old and a
+        #    rollout reference of the later mini-batches are taken now, before any update moves the policy (the
+        #    first mini-batch's come from its own update's forward, at the same parameters)
         size = len(groups) // cfg_train.mini_batches
         chunks = [groups[j * size : (j + 1) * size] for j in range(cfg_train.mini_batches)]
         batches = [build_batch(chunk, run.tokenizer, accelerator.device) for chunk in chunks]
         check_micro_batches(run, batches)
-        for chunk, batch in zip(chunks, batches):
+        for j, (chunk, batch) in enumerate(zip(chunks, batches)):
             if run.reference is not None:
                 batch.ref_token_logps = reference_token_logps(run, chunk, batch)
-            if len(batches) > 1:
+            if j > 0:
                 fill_rollout_logps(batch, all_token_logps(run.policy, batch, cfg_train.micro_batch_size,
                                                           cfg_train.share_prompts))
 
@@ -255,7 +255,7 @@ def run_loop(run: Run, stop: StopRequests) -> None:
                                micro_batch_size=cfg_train.micro_batch_size, share_prompts=cfg_train.share_prompts,
                                max_grad_norm=config.optim.max_grad_norm, accelerator=accelerator)
                 run.scheduler.step()
-                state["optimizer_steps"] = state.get("optimizer_steps", 0) + 1
+                state["optimizer_steps"] += 1
                 updates.append((stats, batch))
         run.engine.sync_weights(run.model)  # vLLM: push the new weights; HF: shares the policy, no-op
         run.sampler.after_update(groups, step)
@@ -273,16 +273,10 @@ def run_loop(run: Run, stop: StopRequests) -> None:
         row = {"step": step + 1, "samples": state["samples"], "completions_trained": state["trained"],
                "optimizer_steps": state["optimizer_steps"], **gather_stats(updates, accelerator),
                "reward_none": int(totals[1].item()), "lr": run.scheduler.get_last_lr()[0], "time_s": state["elapsed_s"]}
-        if cfg_train.eval_every and (step + 1) % cfg_train.eval_every == 0 or step + 1 == cfg_train.max_steps:
-            row.update(evaluate_all(run, step + 1))
-        if run.log:
-            run.log.log(row)
-        bar.update(1)
-        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=row.get("eval/accuracy", ""), kl=f"{row['kl']:.3f}")
 
-        # 6. checkpoint
-        if cfg_train.checkpoint_every and (step + 1) % cfg_train.checkpoint_every == 0:
-            save_checkpoint(run)
+        # 6. evaluate, log, checkpoint
+        end_step(run, row, bar)
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=row.get("eval/accuracy", ""), kl=f"{row['kl']:.3f}")
     bar.close()
     if stop.signum is not None:
         stop_with_checkpoint(run, stop.signum)
@@ -301,10 +295,10 @@ def nothing_scored(groups: list[Group], accelerator) -> bool:
 
 def skip_step(run: Run, step: int, generated: int, dropped: int, bar) -> None:
     """A step whose every completion was dropped: no update; the step, its samples and ``skipped_steps`` count."""
-    accelerator, state, cfg_train = run.accelerator, run.state, run.config.train
+    accelerator, state = run.accelerator, run.state
     totals = accelerator.reduce(torch.tensor([float(generated), float(dropped)], device=accelerator.device), "sum")
     state["samples"] += int(totals[0].item())
-    state["skipped_steps"] = state.get("skipped_steps", 0) + 1
+    state["skipped_steps"] += 1
     state["step"] = step + 1
     if accelerator.is_main_process:
         say(f"step {step + 1}: every reward was None ({int(totals[1].item())} completions dropped); step skipped "
@@ -312,12 +306,19 @@ def skip_step(run: Run, step: int, generated: int, dropped: int, bar) -> None:
     row = {"step": step + 1, "samples": state["samples"], "completions_trained": state["trained"],
            "reward_none": int(totals[1].item()), "skipped_steps": state["skipped_steps"],
            "lr": run.scheduler.get_last_lr()[0], "time_s": state["elapsed_s"]}
-    if cfg_train.eval_every and (step + 1) % cfg_train.eval_every == 0 or step + 1 == cfg_train.max_steps:
-        row.update(evaluate_all(run, step + 1))
+    end_step(run, row, bar)
+
+
+def end_step(run: Run, row: dict, bar) -> None:
+    """After step ``row["step"]``: held-out evaluation when due (every ``eval_every`` steps and at the end), the
+    metrics row, the progress bar, and a checkpoint when due."""
+    cfg_train, step = run.config.train, row["step"]
+    if cfg_train.eval_every and step % cfg_train.eval_every == 0 or step == cfg_train.max_steps:
+        row.update(evaluate_all(run, step))
     if run.log:
         run.log.log(row)
     bar.update(1)
-    if cfg_train.checkpoint_every and (step + 1) % cfg_train.checkpoint_every == 0:
+    if cfg_train.checkpoint_every and step % cfg_train.checkpoint_every == 0:
         save_checkpoint(run)
 
 
@@ -425,10 +426,10 @@ def finish(run: Run) -> None:
     run.accelerator.end_training()
 
 
-def flat_config(config: RunConfig) -> dict:
+def tracker_config(config: RunConfig) -> dict:
     """``section.key -> value`` with lists and mappings as strings, for experiment trackers."""
-    return {f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) else str(value)
-            for section, fields in dataclasses.asdict(config).items() for key, value in fields.items()}
+    return {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for key, value in flat_dict(config).items()}
 
 
 def gather_stats(updates: list[tuple[dict, Batch]], accelerator) -> dict:

@@ -90,10 +90,6 @@ def call_with_timeout(fn: Callable[[], Any], name: str, timeout_s: float, *, thr
     return result["value"]
 
 
-def _check(values: Any, name: str, n: int) -> list:
-    return check_values(name, values, n)  # RewardError naming the reward and what it returned
-
-
 def combine(names: Sequence[str | RewardFn], weights: Sequence[float] | None = None, timeout_s: float = 0) -> RewardFn:
     """One reward that is the weighted sum of several; ``None`` from any of them gives ``None``.
 
@@ -139,7 +135,7 @@ def combine(names: Sequence[str | RewardFn], weights: Sequence[float] | None = N
             if inspect.isawaitable(out):  # a sync callable that returned a coroutine
                 coroutines.append((i, None, out))
                 continue
-            values[i] = _check(out, label, n)
+            values[i] = check_values(label, out, n)
         if coroutines:
             async def gather():
                 return await asyncio.gather(*(fn(**args) if fn is not None else args for _, fn, args in coroutines))
@@ -147,7 +143,7 @@ def combine(names: Sequence[str | RewardFn], weights: Sequence[float] | None = N
             which = ", ".join(repr(labels[i]) for i, _, _ in coroutines)
             for (i, _, _), out in zip(coroutines, call_checked(call_with_timeout, which, lambda: asyncio.run(gather()),
                                                                which, timeout_s, thread=True)):
-                values[i] = _check(out, labels[i], n)
+                values[i] = check_values(labels[i], out, n)
         total: list = [0.0] * n
         for weight, vs in zip(weights, values):
             total = [None if (t is None or v is None) else t + weight * float(v) for t, v in zip(total, vs)]
