@@ -253,7 +253,8 @@ def run_loop(run: Run, stop: StopRequests) -> None:
             for batch in batches:
                 stats = update(run.policy, run.optimizer, batch, run.objective,
                                micro_batch_size=cfg_train.micro_batch_size, share_prompts=cfg_train.share_prompts,
-                               max_grad_norm=config.optim.max_grad_norm, accelerator=accelerator)
+                               max_grad_norm=config.optim.max_grad_norm, accelerator=accelerator,
+                               router_coef=config.model.router_aux_loss_coef)
                 run.scheduler.step()
                 state["optimizer_steps"] += 1
                 updates.append((stats, batch))
