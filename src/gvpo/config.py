@@ -82,6 +82,8 @@ class RolloutConfig:
     """Completion length limit in tokens; 0 = the task's default."""
     vllm_gpu_memory_utilization: float = 0.3
     """Share of GPU memory vLLM may take when colocated with the trainer."""
+    mask_truncated: bool = False
+    """Drop every generated completion that hits ``max_new_tokens`` without EOS from its group before scoring (TRL's ``mask_truncated_completions``); the group keeps the rest (Corollary 3.4's ``1/(k-1)`` with the remaining k) and the drops are logged as ``truncated``."""
 
 
 @dataclass
