@@ -243,16 +243,20 @@ keeps 2 (k = 2), group 1 keeps 1 (no variance: contributes 0), group 2 keeps 3."
 GROUP_IDS = [g for g in range(len(trl_fixed.PROMPTS)) for _ in range(trl_fixed.K)]
 
 
-@pytest.mark.parametrize("ends", [ENDS, [[False] * trl_fixed.K] * len(trl_fixed.PROMPTS)], ids=["some", "all"])
-def test_masked_truncated_completions_leave_their_groups(model_dir, tmp_path, ends, one_thread):
+@pytest.mark.parametrize("ends, accumulation", [(ENDS, 1), (ENDS, 2), ([[False] * trl_fixed.K] * 3, 1)],
+                         ids=["some", "some_accumulated", "all"])
+def test_masked_truncated_completions_leave_their_groups(model_dir, tmp_path, ends, accumulation, one_thread):
     """``mask_truncated_completions=True``: the step equals SGD on the float64 loop over the kept completions
-    (``tiny.kept_gvpo_loss_loop``); with every completion truncated the loss is 0 and no parameter moves."""
+    (``tiny.kept_gvpo_loss_loop``), also with the batch split over 2 accumulation steps (the kept flags then
+    come from the buffered batch); with every completion truncated the loss is 0 and no parameter moves."""
     from transformers import AutoTokenizer
 
     table = trl_fixed.with_eos(trl_fixed.completion_table(AutoTokenizer.from_pretrained(model_dir)), ends)
     rewards = torch.tensor(trl_fixed.REWARDS, dtype=torch.float64).flatten()
     trainer = trl_fixed.make_trainer(model_dir, tmp_path, table=table, mask_truncated_completions=True,
-                                     max_completion_length=6, logging_strategy="steps", logging_steps=1)
+                                     max_completion_length=6, logging_strategy="steps", logging_steps=1,
+                                     per_device_train_batch_size=BATCH // accumulation,
+                                     gradient_accumulation_steps=accumulation)
     trainer.train()
     expected = trl_fixed.sgd_step(model_dir, lambda logps, ref, policy, _: tiny.kept_gvpo_loss_loop(
         logps, ref, rewards, GROUP_IDS, sum(ends, []), trl_fixed.BETA), table=table)
