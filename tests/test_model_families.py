@@ -27,6 +27,10 @@ from gvpo.models import Reference, has_dropout, load_policy
 from gvpo.trainer import train
 
 
+MOE = ("qwen3_moe", "mixtral")
+"""The Mixture-of-Experts families: their router's load-balancing loss is added by default (tests/test_router_loss.py)."""
+
+
 @pytest.fixture(scope="module", params=tiny.FAMILIES)
 def family(request, tmp_path_factory) -> tuple[str, Path]:
     return request.param, tiny.make_tiny_family(tmp_path_factory.mktemp(request.param) / "model", request.param)
@@ -121,6 +125,7 @@ def test_two_steps_with_a_fixed_reference_save_a_final_folder_plain_transformers
     rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(torch.isfinite(torch.tensor([r["loss"], r["kl"], r["grad_norm"]])).all() for r in rows)
+    assert all(("aux_loss" in r) == (name in MOE) for r in rows)  # the router loss is on by default for MoE
     final = AutoModelForCausalLM.from_pretrained(run / "final")
     initial = AutoModelForCausalLM.from_pretrained(path)
     assert type(final) is type(initial)
@@ -137,10 +142,12 @@ def test_a_batch_without_reward_signal_leaves_the_parameters_bit_identical(famil
     """All rewards 0, fixed reference = the initial weights: GVPO's weights ``w = (R - mean R) - beta (log
     ratio - mean log ratio)`` are exactly 0 only if the policy's and the reference's log-probs are
     bit-identical; any rounding difference becomes a full Adam step (a 1e-8 gradient is normalised to
-    ~lr). Three steps, then the saved weights must equal the initial ones bit for bit."""
+    ~lr). Three steps, then the saved weights must equal the initial ones bit for bit. The MoE families' router
+    loss is switched off here: it moves the router by design (tests/test_router_loss.py)."""
     _, path = family
     run = train(load_config(None, run_overrides(path, tmp_path, "zero", **{
-        "task.rewards": ["tiny.zero_reward"], "train.max_steps": 3, "train.share_prompts": share})))
+        "task.rewards": ["tiny.zero_reward"], "train.max_steps": 3, "train.share_prompts": share,
+        "model.router_aux_loss_coef": 0.0})))
     assert [(r["kl"], r["grad_norm"]) for r in metrics(run)] == [(0.0, 0.0)] * 3
     initial, final = load_file(str(path / "model.safetensors")), load_file(str(run / "final" / "model.safetensors"))
     assert initial.keys() == final.keys()

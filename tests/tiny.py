@@ -50,7 +50,9 @@ def _family_configs() -> dict:
     """``family -> (config class name, model class name, config kwargs)``: 2 layers, hidden 32, grouped-query
     attention where the family has it, and the family's own quirks switched on at small sizes (Gemma's
     sliding window shorter than a prompt and logit soft-capping, Granite's multipliers, Phi-3's fused
-    projections, GPT-2's learned positions and dropout, OPT's dropout kept as float attributes)."""
+    projections, GPT-2's learned positions and dropout, OPT's dropout kept as float attributes; the
+    Mixture-of-Experts families route each token to 2 of 4 experts in every layer, with their configs'
+    router loss coefficient 0.001)."""
     llama_like = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=64)
     gemma = dict(llama_like, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
@@ -70,10 +72,15 @@ def _family_configs() -> dict:
                                                                 residual_multiplier=0.5, attention_multiplier=0.2)),
         "opt": ("OPTConfig", "OPTForCausalLM", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                                                     word_embed_proj_dim=32, max_position_embeddings=64)),
+        "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(llama_like, head_dim=8, moe_intermediate_size=16,
+                                                                    num_experts=4, num_experts_per_tok=2)),
+        "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(llama_like, intermediate_size=16, num_local_experts=4,
+                                                                num_experts_per_tok=2)),
     }
 
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "gpt2", "olmo2", "granite")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "gpt2", "olmo2", "granite", "qwen3_moe",
+            "mixtral")
 """The families the README lists as tested (``opt`` is also buildable: its dropout is float attributes)."""
 
 
@@ -193,3 +200,68 @@ def load_script(relative: str):
 def zero_reward(prompts, completions, **_) -> list[float]:
     """No signal: every completion gets 0."""
     return [0.0] * len(completions)
+
+
+class ScriptedEngine:
+    """A generation engine (for tests) that answers from a script instead of sampling: row ``i`` of a call, the
+    completion ``i % k`` of group ``i // k`` of the call, gets ``script(i // k, i % k)`` (token ids, EOS
+    included only where the script puts it)."""
+
+    def __init__(self, tokenizer, k: int, script):
+        self.tokenizer, self.k, self.script, self.model = tokenizer, k, script, None
+
+    def generate(self, prompts, seeds, params):
+        from gvpo.rollout import Generation
+        from gvpo.rollout.hf import encode_prompts
+
+        enc = encode_prompts(self.tokenizer, prompts)
+        rows = [self.script(i // self.k, i % self.k) for i in range(len(prompts))]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        return Generation(enc["input_ids"], enc["attention_mask"], ids, mask,
+                          self.tokenizer.batch_decode(ids, skip_special_tokens=True))
+
+    def sync_weights(self, model) -> None:
+        """Nothing to sync: the script does not depend on the weights."""
+
+
+def truncation_script(group: int, j: int) -> list[int]:
+    """For ``rollout.max_new_tokens=4``, ``rollout.k=4`` (token 2 is EOS; 3-12 are the digits 0-9, 15 a space):
+    even groups: ``j`` = 0 ends early with EOS, 1 hits the limit without EOS (truncated), 2 hits it with EOS as
+    its 4th token (kept), 3 ends early; odd groups: only ``j`` = 0 ends with EOS, the others are truncated.
+    The digits differ, so ``digit_reward`` differs within a group."""
+    if group % 2 == 0:
+        return [[3 + j, 15, 2], [4, 5, 6, 7], [15, 15, 8, 2], [15, 2]][j]
+    return [[3, 4, 2], [15, 5, 15, 15], [6, 7, 8, 9], [15, 15, 15, 10]][j]
+
+
+def scripted_sampler(spec, *, engine, reference, tokenizer, k, seed, max_new_tokens, cache_dir):
+    """``sampler.source=tiny.scripted_sampler``: the built-in policy sampler on :func:`truncation_script`."""
+    from gvpo.samplers import PolicySampler
+
+    return PolicySampler(ScriptedEngine(tokenizer, k, truncation_script), k, seed)
+
+
+def truncating_sampler(spec, *, engine, reference, tokenizer, k, seed, max_new_tokens, cache_dir):
+    """``sampler.source=tiny.truncating_sampler``: every completion hits ``max_new_tokens`` without EOS."""
+    from gvpo.samplers import PolicySampler
+
+    return PolicySampler(ScriptedEngine(tokenizer, k, lambda g, j: [3 + j] * max_new_tokens), k, seed)
+
+
+def kept_gvpo_loss_loop(logps, ref_logps, rewards, group_ids: list[int], kept: list[bool], beta: float):
+    """Independent reference for masked completions, a plain loop: for each group, Eq. 16 over its kept
+    completions only (``1/(k-1)`` with the remaining ``k``), averaged over the groups with at least 2 left;
+    0 (with ``logps``' graph) when none has. ``logps`` may carry gradients; the rest are numbers."""
+    total, groups = logps.sum() * 0.0, 0
+    for g in dict.fromkeys(group_ids):
+        idx = [i for i, (gid, keep) in enumerate(zip(group_ids, kept)) if gid == g and keep]
+        if len(idx) < 2:
+            continue
+        groups += 1
+        implicit = [beta * (logps[i] - float(ref_logps[i])) for i in idx]
+        r = [float(rewards[i]) for i in idx]
+        mean_implicit, mean_r = sum(implicit) / len(idx), sum(r) / len(idx)
+        total = total + sum(0.5 * ((a - mean_implicit) - (b - mean_r)) ** 2 for a, b in zip(implicit, r)) / (len(idx) - 1)
+    return total / groups if groups else total

@@ -44,9 +44,14 @@ def completion_table(tokenizer) -> dict[str, list[list[int]]]:
     return table
 
 
-def reward_lookup(tokenizer):
+def with_eos(table: dict[str, list[list[int]]], ends: list[list[bool]], eos: int = 2) -> dict[str, list[list[int]]]:
+    """``table`` with EOS appended to completion ``j`` of prompt ``i`` where ``ends[i][j]``; the others stay
+    without one, so TRL's ``mask_truncated_completions`` takes them for truncated (their last token is not EOS)."""
+    return {p: [ids + [eos] * end for ids, end in zip(table[p], row)] for p, row in zip(PROMPTS, ends)}
+
+
+def reward_lookup(table: dict[str, list[list[int]]]):
     """A TRL reward function: the table's reward of each completion, found by its token ids."""
-    table = completion_table(tokenizer)
     by_ids = {tuple(ids): r for p, rs in zip(PROMPTS, REWARDS) for ids, r in zip(table[p], rs)}
 
     def table_reward(prompts, completions, completion_ids, **_):
@@ -55,15 +60,18 @@ def reward_lookup(tokenizer):
     return table_reward
 
 
-def make_trainer(model_dir: str | Path, out_dir: str | Path, batches: int = 1, **options):
+def make_trainer(model_dir: str | Path, out_dir: str | Path, batches: int = 1, *, table=None, grpo: bool = False,
+                 **options):
     """A ``GVPOTrainer`` on ``batches`` copies of the fixed batch (each generated in its turn);
-    ``options`` override the ``GVPOConfig`` fields below."""
+    ``options`` override the ``GVPOConfig`` fields below; ``table`` replaces :func:`completion_table`;
+    ``grpo``: TRL's own ``GRPOTrainer`` / ``GRPOConfig`` instead, on the same batch."""
     from datasets import Dataset
     from transformers import AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
 
     from gvpo.trl import GVPOConfig, GVPOTrainer
 
-    class FixedGVPOTrainer(GVPOTrainer):
+    class FixedGVPOTrainer(GRPOTrainer if grpo else GVPOTrainer):
         def _generate(self, prompts):  # TRL 1.16's return tuple, without sampling
             prompt_ids = self._tokenize_prompts(prompts)[0]
             start = self.accelerator.process_index * len(prompts)  # the completion's position in the group
@@ -82,10 +90,12 @@ def make_trainer(model_dir: str | Path, out_dir: str | Path, batches: int = 1, *
         "model_init_kwargs": {"dtype": torch.float64},
     }
     config.update(options)
-    trainer = FixedGVPOTrainer(model=str(model_dir), reward_funcs=reward_lookup(tokenizer),
-                               args=GVPOConfig(**config), train_dataset=Dataset.from_list([{"prompt": p} for p in PROMPTS * batches]),
+    table = table or completion_table(tokenizer)
+    trainer = FixedGVPOTrainer(model=str(model_dir), reward_funcs=reward_lookup(table),
+                               args=(GRPOConfig if grpo else GVPOConfig)(**config),
+                               train_dataset=Dataset.from_list([{"prompt": p} for p in PROMPTS * batches]),
                                processing_class=tokenizer)
-    trainer._table = completion_table(tokenizer)
+    trainer._table = table
     return trainer
 
 
@@ -130,6 +140,36 @@ def reference_params(model_dir: str | Path, steps: list[str], beta: float = BETA
         with torch.no_grad():
             for p, g in zip(params, grads):
                 p -= lr * g
+    return {k: v.detach().clone() for k, v in policy.state_dict().items()}
+
+
+def padded_batch(tokenizer, table: dict[str, list[list[int]]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every completion of ``table`` after its prompt, right-padded as TRL batches them: ``(ids, attention_mask)``,
+    one row per completion in group order (the prompts all have the same length, so none is left-padded)."""
+    rows = [tokenizer(text=p)["input_ids"] + ids for p in PROMPTS for ids in table[p]]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    return ids, torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+
+
+def sgd_step(model_dir: str | Path, loss_fn, *, table=None, lr: float = LR, **load) -> dict:
+    """Parameters after one SGD step on ``loss_fn(logps, ref_logps, policy, table)``, where ``logps`` (with
+    grad) and ``ref_logps`` are the float64 sequence log-probs of ``table``'s completions (default
+    :func:`completion_table`) in group order under the policy and the initial model; ``load`` goes to
+    ``from_pretrained`` (e.g. ``experts_implementation``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    table = table or completion_table(tokenizer)
+    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, **load)
+    initial = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, **load).eval()
+    with torch.no_grad():
+        ref = sequence_logps(initial, tokenizer, table)
+    params = list(policy.parameters())
+    grads = torch.autograd.grad(loss_fn(sequence_logps(policy, tokenizer, table), ref, policy, table), params)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p -= lr * g
     return {k: v.detach().clone() for k, v in policy.state_dict().items()}
 
 

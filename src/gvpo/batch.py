@@ -44,6 +44,9 @@ class Group:
     """Step at which each completion was generated (replay age; -1 for offline data, the default)."""
     offline_index: list = field(default_factory=list)
     """Per completion: ``(group, completion)`` index into the offline data (cached reference log-probs), or None."""
+    truncated: int = 0
+    """Completions generated for this prompt and then dropped because they hit ``rollout.max_new_tokens`` without
+    EOS (``rollout.mask_truncated``): counted as generated, never trained."""
 
     def __post_init__(self):
         n = len(self.completion_ids)
@@ -64,7 +67,8 @@ class Group:
 
     def __add__(self, other: "Group") -> "Group":
         """This group's completions followed by ``other``'s (same prompt)."""
-        return dataclasses.replace(self, **{name: getattr(self, name) + getattr(other, name) for name in PER_COMPLETION})
+        return dataclasses.replace(self, truncated=self.truncated + other.truncated,
+                                   **{name: getattr(self, name) + getattr(other, name) for name in PER_COMPLETION})
 
     def with_rewards(self, rewards: list) -> "Group":
         """The group with ``rewards`` (one per completion, ``None`` = cannot be scored)."""

@@ -48,6 +48,8 @@ class ModelConfig:
     """Dropout on the LoRA branch; needs ``model.disable_dropout=false``."""
     lora_target_modules: str = "all-linear"
     """Modules that get adapters: ``all-linear`` or a comma-separated list of module names."""
+    router_aux_loss_coef: float | None = None
+    """Mixture-of-Experts models: weight of the router's load-balancing loss, added to every micro-batch's loss as TRL adds it (``coef * aux_loss / micro-batches``); None = the model config's ``router_aux_loss_coef`` when the model returns router logits (its config has ``output_router_logits``), else 0; 0 = off. While it is on, the update's forwards run without prefix sharing (docs/trl.md)."""
 
 
 @dataclass
@@ -80,6 +82,8 @@ class RolloutConfig:
     """Completion length limit in tokens; 0 = the task's default."""
     vllm_gpu_memory_utilization: float = 0.3
     """Share of GPU memory vLLM may take when colocated with the trainer."""
+    mask_truncated: bool = False
+    """Drop every generated completion that hits ``max_new_tokens`` without EOS from its group before scoring (TRL's ``mask_truncated_completions``); the group keeps the rest (Corollary 3.4's ``1/(k-1)`` with the remaining k) and the drops are logged as ``truncated``."""
 
 
 @dataclass
@@ -317,6 +321,9 @@ def validate(config: RunConfig) -> RunConfig:
         raise ConfigError(f"optim.lr must be > 0, got {config.optim.lr}")
     if not 0 < config.rollout.top_p <= 1:
         raise ConfigError(f"rollout.top_p must be in (0, 1], got {config.rollout.top_p}")
+    coef = config.model.router_aux_loss_coef
+    if coef is not None and not coef >= 0:
+        raise ConfigError(f"model.router_aux_loss_coef must be >= 0 (or null = the model's own), got {coef}")
     if config.rollout.temperature <= 0:
         raise ConfigError(f"rollout.temperature must be > 0, got {config.rollout.temperature}")
     for key in NON_NEGATIVE:

@@ -46,6 +46,7 @@ def load_checked(config, device, progress: bool = True, key: str = "model.name_o
     names ``key`` (the config key, or the command-line flag that gave the model)."""
     from .config import ConfigError
     from .models import load_policy, resolve_model_path
+    from .router_loss import router_aux_loss_coef
 
     if not progress:
         from transformers.utils import logging as hf_logging
@@ -61,6 +62,7 @@ def load_checked(config, device, progress: bool = True, key: str = "model.name_o
         why = lines[0] if lines else type(err).__name__
         raise ModelError(f"{key}={config.name_or_path}: cannot load it as a causal language model "
                          f"({type(err).__name__}: {why[:300]})") from err
+    router_aux_loss_coef(model, getattr(config, "router_aux_loss_coef", None))  # a coefficient needs an MoE model
     if tokenizer.pad_token_id is None:
         raise ModelError(f"{key}={config.name_or_path}: the tokenizer has neither a pad nor an EOS "
                          "token; add one (tokenizer.add_special_tokens({'pad_token': ...})) and save it")

@@ -121,9 +121,10 @@ def load_policy(config: ModelConfig, device: torch.device | str = "cpu"):
         raise ConfigError(f"model.lora_dropout={config.lora_dropout} needs model.disable_dropout=false (dropout is "
                          "off by default so that log-probs are deterministic)")
     tokenizer = load_tokenizer(path, config.trust_remote_code)
+    dtype = resolve_dtype(config.dtype, device)
+    eager = {"experts_implementation": "eager"} if dtype == torch.float64 else {}  # MoE: grouped_mm has no float64
     model = AutoModelForCausalLM.from_pretrained(
-        path, config=model_config, dtype=resolve_dtype(config.dtype, device),
-        trust_remote_code=config.trust_remote_code
+        path, config=model_config, dtype=dtype, trust_remote_code=config.trust_remote_code, **eager
     ).to(device)
     own_aligned_memory(model)
     if config.disable_dropout:

@@ -184,7 +184,8 @@ def setup(config: RunConfig, *, resume: str | Path | None = None, overwrite: boo
                 run_folder.record_resume(run_dir, state["step"], changed)
         accelerator.init_trackers("tensorboard", config=tracker_config(config))
     return Run(config, accelerator, task, reward_fn, eval_tasks, policy, tokenizer, reference, objective, optimizer,
-               scheduler, engine, SamplingParams(max_new_tokens, config.rollout.temperature, config.rollout.top_p),
+               scheduler, engine, SamplingParams(max_new_tokens, config.rollout.temperature, config.rollout.top_p,
+                                                 mask_truncated=config.rollout.mask_truncated),
                sampler, run_dir, state, log, lock)
 
 
@@ -225,12 +226,12 @@ def run_loop(run: Run, stop: StopRequests) -> None:
         groups = run.sampler.sample(rows, step, run.params)
 
         # 2. score: given rewards (offline, replay) or the task's reward functions; None drops a completion
-        generated = sum(src in ("policy", "reference") for g in groups for src in g.sources)
+        generated = sum(g.truncated + sum(s in ("policy", "reference") for s in g.sources) for g in groups)
         scored = [g.with_rewards(r) for g, r in zip(groups, score(groups, run.reward_fn, state))]
         groups = [g.scored() for g in scored]
         dropped = sum(len(a) - len(b) for a, b in zip(scored, groups))
         if nothing_scored(groups, accelerator):  # every completion's reward is None: no update, step counted
-            skip_step(run, step, generated, dropped, bar)
+            skip_step(run, step, generated, dropped, bar, sum(g.truncated for g in groups))
             continue
 
         # 3. one batch per mini-batch of whole groups, with reference log-probs (fixed reference); pi_old and a
@@ -253,7 +254,8 @@ def run_loop(run: Run, stop: StopRequests) -> None:
             for batch in batches:
                 stats = update(run.policy, run.optimizer, batch, run.objective,
                                micro_batch_size=cfg_train.micro_batch_size, share_prompts=cfg_train.share_prompts,
-                               max_grad_norm=config.optim.max_grad_norm, accelerator=accelerator)
+                               max_grad_norm=config.optim.max_grad_norm, accelerator=accelerator,
+                               router_coef=config.model.router_aux_loss_coef)
                 run.scheduler.step()
                 state["optimizer_steps"] += 1
                 updates.append((stats, batch))
@@ -263,8 +265,8 @@ def run_loop(run: Run, stop: StopRequests) -> None:
             run.reference.sync(run.model)
 
         # 5. log
-        trained = float(sum(len(b) for b in batches))
-        totals = accelerator.reduce(torch.tensor([float(generated), float(dropped), trained],
+        trained, truncated = float(sum(len(b) for b in batches)), float(sum(g.truncated for g in groups))
+        totals = accelerator.reduce(torch.tensor([float(generated), float(dropped), trained, truncated],
                                                  device=accelerator.device), "sum")
         state["samples"] += int(totals[0].item())
         state["trained"] += int(totals[2].item())
@@ -272,6 +274,7 @@ def run_loop(run: Run, stop: StopRequests) -> None:
         state["elapsed_s"] = time.perf_counter() - start
         row = {"step": step + 1, "samples": state["samples"], "completions_trained": state["trained"],
                "optimizer_steps": state["optimizer_steps"], **gather_stats(updates, accelerator),
+               **({"truncated": int(totals[3].item())} if config.rollout.mask_truncated else {}),
                "reward_none": int(totals[1].item()), "lr": run.scheduler.get_last_lr()[0], "time_s": state["elapsed_s"]}
 
         # 6. evaluate, log, checkpoint
@@ -293,16 +296,18 @@ def nothing_scored(groups: list[Group], accelerator) -> bool:
     return float(accelerator.reduce(count, "sum")[0]) == 0
 
 
-def skip_step(run: Run, step: int, generated: int, dropped: int, bar) -> None:
+def skip_step(run: Run, step: int, generated: int, dropped: int, bar, truncated: int = 0) -> None:
     """A step whose every completion was dropped: no update; the step, its samples and ``skipped_steps`` count."""
     accelerator, state = run.accelerator, run.state
-    totals = accelerator.reduce(torch.tensor([float(generated), float(dropped)], device=accelerator.device), "sum")
+    totals = accelerator.reduce(torch.tensor([float(generated), float(dropped), float(truncated)],
+                                             device=accelerator.device), "sum")
     state["samples"] += int(totals[0].item())
     state["skipped_steps"] += 1
     state["step"] = step + 1
     if accelerator.is_main_process:
-        say(f"step {step + 1}: every reward was None ({int(totals[1].item())} completions dropped); step skipped "
-            f"({state['skipped_steps']} so far)")
+        cut = f", {int(totals[2].item())} truncated (rollout.mask_truncated)" if totals[2] else ""
+        say(f"step {step + 1}: {'no completion left' if cut else 'every reward was None'} ({int(totals[1].item())} "
+            f"completions dropped{cut}); step skipped ({state['skipped_steps']} so far)")
     row = {"step": step + 1, "samples": state["samples"], "completions_trained": state["trained"],
            "reward_none": int(totals[1].item()), "skipped_steps": state["skipped_steps"],
            "lr": run.scheduler.get_last_lr()[0], "time_s": state["elapsed_s"]}

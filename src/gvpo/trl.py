@@ -14,8 +14,8 @@ What it replaces in ``GRPOTrainer`` and why (nothing else is overridden):
 
 - ``_get_per_token_logps_and_entropies``, for float64 models only: TRL 1.16 computes log-probs with
   its fused LM-head kernel in float32 whatever the model's dtype; a float64 model gets float64
-  log-probs (plain logits, :func:`gvpo.token_logps_from_logits`) so exactness checks stay exact. All
-  other dtypes use TRL's kernel unchanged.
+  log-probs (plain logits, :func:`gvpo.token_logps_from_logits`) so exactness checks stay exact, and
+  asks an MoE model for its router loss as TRL does. All other dtypes use TRL's kernel unchanged.
 - ``__init__``: with ``reference="rollout"`` it builds TRL with ``beta=0`` (no reference model is
   loaded, no reference log-probs computed); GVPO's beta lives in ``self.gvpo_beta``.
 - ``_generate_and_score_completions``: calls TRL's, then adds one column, ``gvpo_index``: each
@@ -42,6 +42,16 @@ What it replaces in ``GRPOTrainer`` and why (nothing else is overridden):
   the authors' recipe). vLLM's sampling log-probs are never used (TRL's vLLM modes are not tested
   here: no GPU).
 
+  Sequence log-probs sum the tokens the model generated: TRL's ``completion_mask`` times its
+  ``tool_mask`` (0 on tool results of ``tools=`` / ``environment_factory`` episodes), for the policy and
+  the reference alike; the environment's factor cancels in ``log pi_theta - log pi_ref``. With
+  ``mask_truncated_completions`` a truncated completion (all-zero ``completion_mask``) leaves its group:
+  ``gvpo_loss`` runs over the kept completions, so each group's ``1/(k-1)`` uses its remaining ``k``
+  and a group left with one completion, like every group of a ``num_generations_eval=1`` evaluation,
+  contributes 0 (no group at all: loss 0, never an error). An MoE model's router loss is added as TRL
+  adds it, ``router_aux_loss_coef * aux_loss / accumulation steps`` of this micro-batch's forward.
+  ``docs/trl.md`` goes through TRL's options one by one.
+
 Scaling: the returned loss's gradient is ``num_processes * steps_per_generation /
 gradient_accumulation_steps`` times the micro-batch's share (DDP averages gradients over processes;
 with the default ``steps_per_generation == gradient_accumulation_steps`` one optimizer step is then
@@ -61,6 +71,7 @@ import torch
 from packaging.version import Version
 
 from gvpo import gvpo_loss, token_logps_from_logits
+from gvpo.groups import dense_index, group_sizes
 
 SUPPORTED_TRL = (">=1.16", "<1.17")
 """TRL versions this module is written and tested against (same range as the ``trl`` extra)."""
@@ -149,6 +160,8 @@ class _Whole:
     ref_logps: torch.Tensor
     rewards: torch.Tensor
     group_ids: torch.Tensor
+    kept: torch.Tensor
+    """Bool: the completion stays in its group (False: truncated, with ``mask_truncated_completions``)."""
 
 
 class GVPOTrainer(GRPOTrainer):
@@ -175,9 +188,6 @@ class GVPOTrainer(GRPOTrainer):
                 args.beta = self.gvpo_beta
         else:
             super().__init__(model, reward_funcs, args, *pargs, **kwargs)
-        if self.aux_loss_enabled:
-            raise ValueError("GVPOTrainer does not add the MoE router auxiliary loss (untested here); set "
-                             "GVPOConfig.router_aux_loss_coef=0.0 to train this Mixture-of-Experts model without it")
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
@@ -186,17 +196,21 @@ class GVPOTrainer(GRPOTrainer):
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
                 **multimodal)
         batch_size = batch_size or input_ids.size(0)
-        all_logps, all_entropies = [], []
+        all_logps, all_entropies, all_aux = [], [], []
+        router = {"output_router_logits": True} if compute_aux_loss else {}  # as TRL asks MoE models for it
         for start in range(0, input_ids.size(0), batch_size):
             ids, mask = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # TRL's inputs, plain head
-            logits = logits[:, -logits_to_keep - 1:-1] / self.temperature
+            out = model(input_ids=ids, attention_mask=mask, use_cache=False, **router)  # TRL's inputs, plain head
+            logits = out.logits[:, -logits_to_keep - 1:-1] / self.temperature
             all_logps.append(token_logps_from_logits(logits, ids[:, -logits_to_keep:]))
             if compute_entropy:
                 logp = torch.log_softmax(logits, -1)
                 all_entropies.append(-(logp.exp() * logp).sum(-1))
+            if compute_aux_loss:
+                all_aux.append(out.aux_loss)
         entropies = torch.cat(all_entropies) if compute_entropy else None
-        return torch.cat(all_logps), entropies, None
+        aux_loss = torch.stack(all_aux).mean() if compute_aux_loss else None
+        return torch.cat(all_logps), entropies, aux_loss
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
@@ -207,18 +221,19 @@ class GVPOTrainer(GRPOTrainer):
             self._gvpo_generation += 1
         return output
 
-    def _sequence_logps(self, model, inputs) -> torch.Tensor:
-        """Sum of the completion tokens' log-probs under ``model``, shape ``(B,)``."""
+    def _sequence_logps(self, model, inputs, aux: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sum of the model-generated completion tokens' log-probs under ``model``, shape ``(B,)``, and with
+        ``aux`` the MoE router's load-balancing loss of the same forward (else ``None``)."""
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        per_token_logps, _, _ = self._get_per_token_logps_and_entropies(
+        per_token_logps, _, aux_loss = self._get_per_token_logps_and_entropies(
             model,
             torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
             torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
             completion_ids.size(1),
+            compute_aux_loss=aux,
             **{key: inputs.get(key) for key in _MULTIMODAL_KEYS},
         )
-        return (per_token_logps * mask).sum(-1)
+        return (per_token_logps * _loss_mask(inputs)).sum(-1), aux_loss
 
     def _whole_batch(self, model, inputs, logps: torch.Tensor, mode: str) -> _Whole:
         """Current log-probs, reference log-probs, centred rewards and group ids of all completions."""
@@ -229,14 +244,15 @@ class GVPOTrainer(GRPOTrainer):
             if self._gvpo_cache is not None and self._gvpo_cache[0] == key:
                 return self._gvpo_cache[1]
             with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-                parts = [(chunk, self._sequence_logps(model, chunk)) for chunk in self._buffered_inputs]
+                parts = [(chunk, self._sequence_logps(model, chunk)[0]) for chunk in self._buffered_inputs]
         local = {name: torch.cat([fn(chunk, lp) for chunk, lp in parts]) for name, fn in {
             "index": lambda chunk, lp: chunk["gvpo_index"],
             "logps": lambda chunk, lp: lp,
             "rewards": lambda chunk, lp: chunk["advantages"],
             "ref_logps": lambda chunk, lp: (
-                (chunk["ref_per_token_logps"] * chunk["completion_mask"]
-                 * chunk.get("tool_mask", 1)).sum(-1) if self.gvpo_reference == "fixed" else lp),
+                (chunk["ref_per_token_logps"] * _loss_mask(chunk)).sum(-1) if self.gvpo_reference == "fixed" else lp),
+            "kept": lambda chunk, lp: (chunk["completion_mask"].any(-1) if self.mask_truncated_completions
+                                       else torch.ones_like(lp, dtype=torch.bool)).long(),
         }.items()}
         gathered = {name: self.accelerator.gather(t) for name, t in local.items()}
         order = torch.argsort(gathered["index"])
@@ -250,25 +266,50 @@ class GVPOTrainer(GRPOTrainer):
             if self._gvpo_rollout_ref is None or self._gvpo_rollout_ref[0] != self._gvpo_generation:
                 self._gvpo_rollout_ref = (self._gvpo_generation, ordered["logps"])  # first use: generating params
             ref_logps = self._gvpo_rollout_ref[1]
-        whole = _Whole(ordered["logps"], ref_logps, ordered["rewards"], ordered["index"] // num_generations)
+        whole = _Whole(ordered["logps"], ref_logps, ordered["rewards"], ordered["index"] // num_generations,
+                       ordered["kept"].bool())
         if mode == "train" and self.args.steps_per_generation > 1:
             self._gvpo_cache = (key, whole)
         return whole
 
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
-        logps = self._sequence_logps(model, inputs)
+        logps, aux_loss = self._sequence_logps(model, inputs, aux=self.aux_loss_enabled)
         whole = self._whole_batch(model, inputs, logps, mode)
         current = whole.logps.index_put((inputs["gvpo_index"],), logps)  # gradient flows to this micro-batch only
-        loss = gvpo_loss(current, whole.ref_logps, whole.rewards.to(current.dtype), whole.group_ids,
-                         beta=self.gvpo_beta)
+        loss, groups = _kept_gvpo_loss(current, whole, self.gvpo_beta)
+        steps = self.current_gradient_accumulation_steps if mode == "train" else 1
         if mode == "train":
             scale = self.accelerator.num_processes * self.args.steps_per_generation
-            steps = self.current_gradient_accumulation_steps
             surrogate = loss * (scale / steps)
             value = loss.detach() / steps
         else:
             surrogate, value = loss, loss.detach()
         self._metrics[mode]["gvpo/loss"].append(loss.item())
-        self._metrics[mode]["gvpo/log_ratio_mean"].append((whole.logps - whole.ref_logps).mean().item())
-        return surrogate - surrogate.detach() + value
+        self._metrics[mode]["gvpo/groups"].append(float(groups))
+        self._metrics[mode]["gvpo/log_ratio_mean"].append((whole.logps - whole.ref_logps)[whole.kept].mean().item()
+                                                          if whole.kept.any() else 0.0)
+        loss = surrogate - surrogate.detach() + value
+        if self.aux_loss_enabled:  # TRL's term and scaling: per micro-batch, over the accumulation steps
+            loss = loss + self.router_aux_loss_coef * aux_loss / steps
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+        return loss
+
+
+def _loss_mask(inputs) -> torch.Tensor:
+    """``(B, C)`` 1 on the completion tokens the model generated: TRL's ``completion_mask`` times its
+    ``tool_mask`` (0 on tool results and environment observations) when the batch has one."""
+    mask = inputs["completion_mask"]
+    return mask if "tool_mask" not in inputs else mask * inputs["tool_mask"]
+
+
+def _kept_gvpo_loss(logps: torch.Tensor, whole: _Whole, beta: float) -> tuple[torch.Tensor, int]:
+    """``gvpo_loss`` over the kept completions (Corollary 3.4's ``1/(k-1)`` with each group's remaining
+    ``k``; ``G`` = groups with at least 2 left) and that ``G``; ``(0, 0)`` when no group has 2."""
+    keep = whole.kept
+    index, num_groups = dense_index(whole.group_ids[keep])
+    groups = int((group_sizes(index, num_groups) >= 2).sum())
+    if groups == 0:  # k = 1 evaluation, or every group masked down to one completion: no variance to fit
+        return logps.sum() * 0.0, 0
+    return gvpo_loss(logps[keep], whole.ref_logps[keep], whole.rewards[keep].to(logps.dtype), whole.group_ids[keep],
+                     beta=beta), groups

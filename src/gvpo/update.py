@@ -14,6 +14,7 @@ import math
 import torch
 
 from .batch import Batch, all_token_logps, token_logps_for
+from .router_loss import RouterLoss
 
 
 class NonFiniteError(RuntimeError):
@@ -21,16 +22,21 @@ class NonFiniteError(RuntimeError):
 
 
 def update(policy, optimizer, batch: Batch, objective, *, micro_batch_size: int, share_prompts: bool,
-           max_grad_norm: float, accelerator) -> dict:
+           max_grad_norm: float, accelerator, router_coef: float | None = 0.0) -> dict:
     """One optimizer step on ``batch``: whole-batch statistics first, then micro-batched backward.
 
-    Returns the step's metrics plus ``logps``, the detached per-token log-probs before the step.
+    ``router_coef`` (``model.router_aux_loss_coef``; None = an MoE model's own) adds the router's
+    load-balancing loss of every gradient forward as TRL does (:mod:`gvpo.router_loss`), which then runs
+    without prefix sharing. Returns the step's metrics plus ``logps``, the detached per-token log-probs
+    before the step.
     """
     n = len(batch)
     size = micro_batch_size or n
     slices = [slice(s, s + size) for s in range(0, n, size)]
+    router = RouterLoss(policy, router_coef, len(slices))
+    share_prompts = share_prompts and not router.coef  # the router loss of a full forward, as TRL takes it
     if len(slices) == 1:  # one forward serves both the statistics and the gradient
-        token_logps = token_logps_for(policy, batch, slices[0], share_prompts)
+        token_logps = router.forward(token_logps_for, policy, batch, slices[0], share_prompts)
         current = token_logps.detach()
     else:
         token_logps = None
@@ -47,8 +53,9 @@ def update(policy, optimizer, batch: Batch, objective, *, micro_batch_size: int,
         # when sync_gradients is set, so only the last micro-batch may set it (elsewhere it only gates the step)
         accelerator.sync_gradients = last
         with accelerator.no_sync(policy) if not last else contextlib.nullcontext():
-            tl = token_logps if token_logps is not None else token_logps_for(policy, batch, sl, share_prompts)
-            loss = objective.micro_loss(tl, batch, sl, prepared) * scale
+            tl = token_logps if token_logps is not None else router.forward(token_logps_for, policy, batch, sl,
+                                                                             share_prompts)
+            loss = objective.micro_loss(tl, batch, sl, prepared) * scale + router.term()
             if not torch.isfinite(loss):
                 accelerator.sync_gradients = True
                 raise NonFiniteError(f"non-finite loss ({loss.item()}) at a micro-batch of rows {sl.start}:{sl.stop}; "
@@ -60,7 +67,7 @@ def update(policy, optimizer, batch: Batch, objective, *, micro_batch_size: int,
         raise NonFiniteError(f"non-finite gradient norm ({grad_norm}); stopping with the last checkpoint intact")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss_value, "grad_norm": grad_norm, "logps": current, **prepared.stats}
+    return {"loss": loss_value, "grad_norm": grad_norm, "logps": current, **prepared.stats, **router.stats()}
 
 
 def fill_rollout_logps(batch: Batch, token_logps: torch.Tensor) -> None:

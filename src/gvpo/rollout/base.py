@@ -18,6 +18,9 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     greedy: bool = False
+    mask_truncated: bool = False
+    """Not an engine setting: :func:`gvpo.samplers.generate_groups` drops the completions that hit
+    ``max_new_tokens`` without EOS from their groups (``rollout.mask_truncated``)."""
 
 
 @dataclass

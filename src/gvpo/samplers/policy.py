@@ -3,6 +3,8 @@ group-generation helpers the other samplers reuse."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..batch import Group
 from ..rollout import Engine, SamplingParams, hash_seed
 from .base import SAMPLERS, StatelessSampler
@@ -11,18 +13,38 @@ from .base import SAMPLERS, StatelessSampler
 def generate_groups(engine: Engine, rows: list[tuple[int, dict]], k: int, params: SamplingParams, *, seed: int,
                     step: int, source: str, first_completion: int = 0) -> list[Group]:
     """``k`` completions for each ``(position, row)``; completion j of the row at position p uses
-    seed ``hash_seed(seed, p, j)``, so a group never depends on how the batch is split."""
+    seed ``hash_seed(seed, p, j)``, so a group never depends on how the batch is split. With
+    ``params.mask_truncated`` the completions that hit ``params.max_new_tokens`` without EOS are dropped
+    from their groups and counted in ``Group.truncated``."""
     if k == 0:
         return [Group(pos, row, [], [], []) for pos, row in rows]
     prompts = [row["prompt"] for _, row in rows for _ in range(k)]
     seeds = [hash_seed(seed, pos, j + first_completion) for pos, _ in rows for j in range(k)]
     gen = engine.generate(prompts, seeds, params)
+    eos = set(eos_token_ids(engine)) if params.mask_truncated else set()
     groups = []
     for g, (pos, row) in enumerate(rows):
         sl = range(g * k, (g + 1) * k)
         ids = [gen.completion_ids[i][gen.completion_mask[i].bool()].tolist() for i in sl]
-        groups.append(Group(pos, row, ids, [gen.texts[i] for i in sl], [source] * k, born_step=[step] * k))
+        group = Group(pos, row, ids, [gen.texts[i] for i in sl], [source] * k, born_step=[step] * k)
+        if params.mask_truncated:
+            keep = [j for j, c in enumerate(ids) if len(c) < params.max_new_tokens or c[-1] in eos]
+            group = dataclasses.replace(group.select(keep), truncated=k - len(keep))
+        groups.append(group)
     return groups
+
+
+def eos_token_ids(engine: Engine) -> list[int]:
+    """The tokens generation stops at: the engine's own ``eos_token_ids()`` (vLLM), else the HF engine's
+    rule (the model's generation config, then the tokenizer's EOS)."""
+    if hasattr(engine, "eos_token_ids"):
+        return list(engine.eos_token_ids())
+    model = getattr(engine, "model", None)
+    if getattr(model, "generation_config", None) is None:
+        return [engine.tokenizer.eos_token_id]
+    from ..rollout.hf import eos_ids
+
+    return eos_ids(engine.tokenizer, model)
 
 
 def generate_by_count(engine: Engine, rows: list[tuple[int, dict]], counts: list[int], params: SamplingParams, *,
