@@ -4,6 +4,7 @@ group-generation helpers the other samplers reuse."""
 from __future__ import annotations
 
 from ..batch import Group
+from ..episodes import episode_groups
 from ..rollout import Engine, SamplingParams, hash_seed
 from .base import SAMPLERS, StatelessSampler
 
@@ -11,11 +12,14 @@ from .base import SAMPLERS, StatelessSampler
 def generate_groups(engine: Engine, rows: list[tuple[int, dict]], k: int, params: SamplingParams, *, seed: int,
                     step: int, source: str, first_completion: int = 0) -> list[Group]:
     """``k`` completions for each ``(position, row)``; completion j of the row at position p uses
-    seed ``hash_seed(seed, p, j)``, so a group never depends on how the batch is split."""
+    seed ``hash_seed(seed, p, j)``, so a group never depends on how the batch is split. An engine that runs
+    episodes (:class:`gvpo.episodes.EpisodeEngine`) gives k episodes per row, with the same seeds for their first turn."""
     if k == 0:
         return [Group(pos, row, [], [], []) for pos, row in rows]
     prompts = [row["prompt"] for _, row in rows for _ in range(k)]
     seeds = [hash_seed(seed, pos, j + first_completion) for pos, _ in rows for j in range(k)]
+    if hasattr(engine, "rollout"):
+        return episode_groups(engine, rows, k, seeds, params, step=step, source=source)
     gen = engine.generate(prompts, seeds, params)
     groups = []
     for g, (pos, row) in enumerate(rows):
@@ -49,8 +53,8 @@ class PolicySampler(StatelessSampler):
             raise ValueError("sampler.source=reference needs objective.reference=fixed (a reference policy to sample from)")
         self.engine, self.k, self.seed, self.source, self.reference = engine, k, seed, source, reference
         # a frozen reference copy gets its own engine once; with LoRA the policy's engine samples with adapters off
-        self.reference_engine = (type(engine)(reference.model, engine.tokenizer)
-                                 if source == "reference" and not reference.lora else None)
+        make = getattr(engine, "for_model", None) or (lambda model: type(engine)(model, engine.tokenizer))
+        self.reference_engine = make(reference.model) if source == "reference" and not reference.lora else None
 
     def sample(self, rows: list[tuple[int, dict]], step: int, params: SamplingParams) -> list[Group]:
         if self.source == "policy":
