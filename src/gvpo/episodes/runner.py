@@ -140,18 +140,17 @@ class EpisodeEngine:
         tools = self.spec.tools_of(episode.environment)
         message, malformed = chat.parse_turn(self.tokenizer, ids, context, tools)
         episode.messages.append(message)
-        if malformed is not None:
-            episode.events.append(("malformed_tool_call", self.spec.name))
-            return False
-        calls = message.get("tool_calls")
         finished = bool(ids) and (ids[-1] in eos or _ends_with_stop(self.tokenizer, ids, params.stop))
-        if not calls or not finished or (self.max_turns and episode.turns >= self.max_turns):
+        if malformed is not None and finished:  # a turn cut by the budget is not the model's malformed call
+            episode.events.append(("malformed_tool_call", self.spec.name))
+        calls = message.get("tool_calls")
+        if malformed is not None or not calls or not finished or (self.max_turns and episode.turns >= self.max_turns):
             return False
         observation = [self.call(call, tools, episode) for call in calls]
         suffix = chat.tool_suffix_ids(self.tokenizer, observation)
         total = len(episode.prompt_ids) + len(episode.completion_ids) + len(suffix)
-        if len(episode.completion_ids) + len(suffix) >= params.max_new_tokens or (limit and total >= limit):
-            episode.events.append(("budget_mid_observation", self.spec.name))  # no room for it and a next turn
+        if len(episode.completion_ids) + len(suffix) > params.max_new_tokens or (limit and total >= limit):
+            episode.events.append(("budget_mid_observation", self.spec.name))  # TRL's rule: the result is dropped
             return False
         episode.completion_ids += suffix
         episode.action_mask += [0] * len(suffix)
