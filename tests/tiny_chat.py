@@ -248,3 +248,57 @@ class BrokenInit(CalculatorEnv):
 class BadToolEnv(CalculatorEnv):
     def lookup(self, key):
         return key
+
+
+# ------------------------------------------------------------------------------------------------
+# A task and a model that call the calculator: the model is a random tiny Llama taught in a few seconds to
+# answer every prompt of the task with one tool call and then the tool's result (so sampled episodes are
+# multi-turn, with some going astray at temperature 1).
+
+TOOL_PROMPTS = ["What is 1+2?", "Add 1 and 2.", "Compute 1+2.", "1+2=?"]
+
+
+def tool_task(num_train: int = 4, num_test: int = 2):
+    """Conversational prompts answered by ``add(1, 2)``; ``exact_match`` on the final message (3)."""
+    from gvpo.tasks import Task
+
+    rows = [{"prompt": [{"role": "user", "content": q}], "answer": "3"} for q in TOOL_PROMPTS]
+    return Task("tiny_tool", rows[:num_train], rows[:num_test], ("exact_match",), max_new_tokens=64)
+
+
+def tool_call_turns(tokenizer) -> tuple[list[int], list[int]]:
+    """The taught turns: the call ``add(1, 2)`` and the answer, each ending in EOS."""
+    eos = [tokenizer.eos_token_id]
+    return encode(tokenizer, '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>') + eos, \
+        encode(tokenizer, "3") + eos
+
+
+def make_tool_caller(path: Path, *, steps: int = 120, seed: int = 0) -> Path:
+    """:func:`make_chat_model`, then supervised on every :data:`TOOL_PROMPTS` episode (call, result, answer) with
+    the loss on the model's turns only; saved to ``path``."""
+    from transformers import AutoModelForCausalLM
+
+    from gvpo.episodes.chat import prompt_ids, tool_suffix_ids
+
+    make_chat_model(path, seed=seed, hidden_size=48, intermediate_size=96)
+    tokenizer = chat_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(path)
+    call, answer = tool_call_turns(tokenizer)
+    suffix = tool_suffix_ids(tokenizer, [{"role": "tool", "name": "add", "content": "3"}])
+    tools = [CalculatorEnv().add]
+    rows, labels = [], []
+    for q in TOOL_PROMPTS:
+        prompt = prompt_ids(tokenizer, [{"role": "user", "content": q}], tools)
+        rows.append(prompt + call + suffix + answer)
+        labels.append([-100] * len(prompt) + call + [-100] * len(suffix) + answer)
+    ids, mask = left_pad(rows, tokenizer.pad_token_id)
+    target, _ = left_pad(labels, -100)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=target).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(path, safe_serialization=True)
+    return path
