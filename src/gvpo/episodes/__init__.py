@@ -19,12 +19,15 @@ masked sum as the sequence log-prob. Masking the observations is exact, not an a
   episode is determined by its actions, the KL-regularised problem over episodes is the single-turn problem
   with ``y = (a_1, ..., a_T)``, and Theorem 3.1 carries over: the unique minimiser is
   ``pi*(tau|x) = pi_ref(tau|x) exp(R(tau)/beta) / Z(x)``, and the policy reaches it turn by turn
-  (``tests/test_episodes_theory.py`` trains a tabular two-turn MDP to it).
-- Stochastic observations (user simulators, noisy APIs): the policy conditions each turn on the observation it
-  got, but ``R_theta(tau) = beta log(pi_theta/pi_ref)`` only sees the model's factor, so the loss matches it to
-  the reward of single draws ``o``: the minimiser is a projection, not ``pi*`` of the expected reward. At a
-  first turn whose consequences depend on a random ``o``, the fixed point weights each observation's
-  log-partition ``beta log Z(o)`` and not the expected reward (the test above pins the numbers it reaches).
+  (``tests/test_episodes_theory.py`` reaches it on a tabular two-turn MDP, exactly and by sampled training).
+- Stochastic observations (user simulators, noisy APIs): ``R_theta(tau) = beta log(pi_theta/pi_ref)`` sees
+  only the policy's factors, so no policy makes ``R_theta - R`` constant over episodes and the minimiser is a
+  projection, not pi*. At pi* (the backward-induction optimum) an episode's residual is
+  ``beta (E_o log Z - log Z(o))``: zero on average over ``o``, so the turns before ``o`` are at their optimum,
+  but the turns after it can lower the loss by absorbing part of it; the minimiser tilts them, keeps a
+  positive loss, and depends on the sampling distribution pi_s
+  (``tests/test_episodes_theory.py::test_stochastic_observations_give_a_projection_not_pi_star`` pins the
+  numbers on a two-turn MDP: KL(pi* || minimiser) = 0.004 nats per prompt there).
 
 What peers' users hit, and what gvpo does: a generated turn is never re-tokenised (only the tool messages'
 suffix ids are appended, TRL's ``_get_tool_suffix_ids``); ``action_mask`` is a loss mask only, never the
