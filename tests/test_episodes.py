@@ -258,3 +258,25 @@ def test_per_turn_seeds_do_not_depend_on_batching():
                       if QUESTIONS[2] in TOK.decode(p)]
     assert seeds_together == [s for c in alone.engine.calls for s in c["seeds"]] == [9, hash_seed(9, 1),
                                                                                       hash_seed(9, 2)]
+
+
+def test_the_readme_environment_runs_as_written(tmp_path, monkeypatch):
+    """The README's example class, imported from the README's own text, runs an episode: its tool is called and
+    its get_reward scores it."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("cat > my_env.py <<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    (tmp_path / "my_env.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def script(context, seed=None):
+        first = TOK.decode(context).count("<|im_start|>assistant") == 1
+        return tc.encode(TOK, (call("add", a=12, b=34) if first else "46") + "<|im_end|>")
+
+    engine = episode_engine(script, "my_env.Calculator")
+    episode = engine.rollout(rows()[:1], [0], SamplingParams(100))[0]
+    assert episode.messages[1] == {"role": "tool", "name": "add", "content": "46"}
+    from gvpo.episodes import environment_reward
+
+    assert environment_reward(engine.spec)(environments=[episode.environment]) == [0.1]
