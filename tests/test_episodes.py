@@ -280,3 +280,28 @@ def test_the_readme_environment_runs_as_written(tmp_path, monkeypatch):
     from gvpo.episodes import environment_reward
 
     assert environment_reward(engine.spec)(environments=[episode.environment]) == [0.1]
+
+
+def test_hf_engine_takes_token_ids_and_stops_at_stop_strings():
+    """Token in, token out on the HF engine (the embedded model): prompts given as the ids ``encode_prompts``
+    makes generate the same tokens as the text prompts; a stop string ends a row right after the token that
+    completes it (kept), the other rows run on."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gvpo.rollout.hf import HFEngine, encode_prompts
+    from gvpo.tasks.arithmetic import default_model_path
+
+    path = default_model_path()
+    engine = HFEngine(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path))
+    prompts = ["Q: 12+34= A:", "Q: 1+2= A:", "Q: 40+40= A:"]
+    enc = encode_prompts(engine.tokenizer, prompts)
+    ids = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
+    text_in = engine.generate(prompts, [1, 2, 3], SamplingParams(8))
+    ids_in = engine.generate(ids, [1, 2, 3], SamplingParams(8))
+    assert torch.equal(text_in.completion_ids, ids_in.completion_ids) and text_in.texts == ids_in.texts
+    stop = text_in.texts[0][:2]  # the first row's first two characters
+    stopped = engine.generate(prompts, [1, 2, 3], SamplingParams(8, stop=(stop,)))
+    assert stopped.texts[0] == stop and any(stop not in t for t in text_in.texts[1:])
+    for i in (1, 2):
+        if stop not in text_in.texts[i]:
+            assert stopped.texts[i] == text_in.texts[i]

@@ -68,7 +68,6 @@ def evaluate(engine, task: Task, *, n: int = 0, samples: int = 1, temperature: f
     return result
 
 
-
 def episode_values(engine, reward, rows: list[dict], seeds: list[int], params: SamplingParams,
                    trainer_state) -> tuple[list[str], list]:
     """Texts and rewards of one episode per row (an engine of :mod:`gvpo.episodes`)."""

@@ -93,9 +93,9 @@ class StopStrings(StoppingCriteria):
         self.ends[new] = input_ids.shape[1] - self.prompt_length
         return done
 
-    def mask(self, width: int) -> Tensor:
-        """(N, width) 1 on the tokens up to and including each row's stop string (all where none)."""
-        ends = self.ends if self.ends is not None else torch.full((0,), -1)
+    def mask(self, rows: int, width: int) -> Tensor:
+        """(rows, width) 1 on the tokens up to and including each row's stop string (all where none)."""
+        ends = self.ends if self.ends is not None else torch.full((rows,), -1)
         ends = torch.where(ends < 0, torch.full_like(ends, width), ends)
         return (torch.arange(width)[None, :] < ends[:, None]).long()
 
@@ -164,7 +164,7 @@ class HFEngine:
         completion_ids = out[:, prompt_ids.shape[1]:]
         mask = completion_mask_from_ids(completion_ids, eos)
         if stops is not None:
-            mask = mask * stops.mask(mask.shape[1]).to(mask.device)
+            mask = mask * stops.mask(*mask.shape).to(mask.device)
         completion_ids = completion_ids.masked_fill(mask == 0, pad)
         keep = int(mask.sum(-1).max().item()) if mask.numel() else 0
         completion_ids, mask = completion_ids[:, : max(keep, 1)], mask[:, : max(keep, 1)]
