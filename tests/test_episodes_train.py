@@ -25,8 +25,12 @@ TESTS = Path(__file__).resolve().parent
 
 @pytest.fixture(scope="module")
 def tool_model(tmp_path_factory) -> Path:
-    torch.set_num_threads(1)
-    return tc.make_tool_caller(tmp_path_factory.mktemp("tool") / "model", steps=60)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same numbers on any machine, and faster for a tiny model
+    try:
+        return tc.make_tool_caller(tmp_path_factory.mktemp("tool") / "model", steps=60)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def tool_overrides(model: Path, out: Path, name: str, **extra) -> dict:
