@@ -98,6 +98,8 @@ def to_vllm_sampling_params(params: SamplingParams, seed: int | None, *, stop_to
     >>> to_vllm_sampling_params(SamplingParams(8, temperature=0.7, greedy=True), seed=5, stop_token_ids=[2],
     ...                         vllm_module=False)
     {'n': 1, 'max_tokens': 8, 'temperature': 0.0, 'top_p': 1.0, 'seed': None, 'stop_token_ids': [2]}
+    >>> to_vllm_sampling_params(SamplingParams(8, greedy=True, stop=("</tool_call>",)), 1, vllm_module=False)["stop"]
+    ['</tool_call>']
     """
     if params.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
