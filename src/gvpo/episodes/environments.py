@@ -72,7 +72,8 @@ class EnvironmentSpec:
 
     def tools_of(self, instance: Any) -> list[Callable]:
         """The tools an episode with ``instance`` may call: the standalone ones, then the instance's methods."""
-        return list(self.tools) + [getattr(instance, name) for name in self.methods] if instance is not None else list(self.tools)
+        methods = [getattr(instance, name) for name in self.methods] if instance is not None else []
+        return list(self.tools) + methods
 
 
 def _resolve(key: str, path: str) -> Any:

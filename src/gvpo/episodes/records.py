@@ -76,8 +76,9 @@ def episode_metrics(engine, groups: list[Group], accelerator) -> dict:
         return {}
     from accelerate.utils import gather_object
 
+    mine = [episode_counts(groups)]
     total: Counter = Counter()
-    for counts in gather_object([episode_counts(groups)]) if accelerator.num_processes > 1 else [episode_counts(groups)]:
+    for counts in gather_object(mine) if accelerator.num_processes > 1 else mine:
         total.update(counts)
     n = max(total.pop("episodes", 0), 1)
     out = {"episodes/turns": total.pop("turns", 0) / n, "episodes/tool_calls": total.pop("tool_calls", 0) / n}

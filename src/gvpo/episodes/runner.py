@@ -135,7 +135,8 @@ class EpisodeEngine:
         episode.action_mask += [1] * len(ids)
         episode.turns += 1
         if not self.spec.has_tools:
-            episode.messages.append({"role": "assistant", "content": self.tokenizer.decode(ids, skip_special_tokens=True)})
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            episode.messages.append({"role": "assistant", "content": text})
             return False
         tools = self.spec.tools_of(episode.environment)
         message, malformed = chat.parse_turn(self.tokenizer, ids, context, tools)
@@ -144,7 +145,8 @@ class EpisodeEngine:
         if malformed is not None and finished:  # a turn cut by the budget is not the model's malformed call
             episode.events.append(("malformed_tool_call", self.spec.name))
         calls = message.get("tool_calls")
-        if malformed is not None or not calls or not finished or (self.max_turns and episode.turns >= self.max_turns):
+        last_turn = bool(self.max_turns) and episode.turns >= self.max_turns
+        if malformed is not None or not calls or not finished or last_turn:
             return False
         observation = [self.call(call, tools, episode) for call in calls]
         suffix = chat.tool_suffix_ids(self.tokenizer, observation)
