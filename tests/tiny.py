@@ -142,13 +142,13 @@ class CentredRewardNLL:
 
         index, groups = dense_index(batch.group_ids)
         coef = center(batch.rewards.double(), index, groups)
-        logps = sequence_logps(token_logps, batch.completion_mask).double()
+        logps = sequence_logps(token_logps, batch.action_mask).double()
         return Prepared(norm=float(groups), loss_sum=float(-(coef * logps).sum()), coef=coef.float())
 
     def micro_loss(self, token_logps, batch, rows, prepared):
         from gvpo.logprobs import sequence_logps
 
-        return -(prepared.coef[rows] * sequence_logps(token_logps, batch.completion_mask[rows])).sum()
+        return -(prepared.coef[rows] * sequence_logps(token_logps, batch.action_mask[rows])).sum()
 
 
 def centred_nll(config) -> CentredRewardNLL:

@@ -4,6 +4,11 @@ objective's ``Prepared`` statistics. A leaf module: it imports nothing else from
 Data flow: a sampler returns ``Group`` records, rewards are attached with :meth:`Group.with_rewards`
 (``None`` rewards drop completions through :meth:`Group.select`), :func:`build_batch` pads them into
 one ``Batch`` row per completion, and an objective's ``prepare`` turns the batch into ``Prepared``.
+
+Multi-turn episodes (:mod:`gvpo.episodes`) use the same records: a completion is the packed token stream
+after the prompt (model turns and the environment's observations), ``action_mask`` marks the model's
+tokens, and every objective takes its loss tokens from ``action_mask`` (``completion_mask`` is attention
+and padding only). For a single-turn completion the two masks are equal.
 """
 
 from __future__ import annotations
@@ -16,8 +21,12 @@ from torch import Tensor
 
 from .logprobs import completion_token_logps, sequence_logps
 
-PER_COMPLETION = ("completion_ids", "texts", "sources", "rewards", "born_step", "offline_index")
+PER_COMPLETION = ("completion_ids", "texts", "sources", "rewards", "born_step", "offline_index", "action_mask",
+                  "prompt_ids", "episode")
 """The ``Group`` fields that hold one value per completion, in step with each other."""
+DEFAULTS = {"rewards": None, "born_step": -1, "offline_index": None, "action_mask": None, "prompt_ids": None,
+            "episode": None}
+"""What a per-completion field left empty at construction holds for every completion."""
 
 
 @dataclass
@@ -44,17 +53,25 @@ class Group:
     """Step at which each completion was generated (replay age; -1 for offline data, the default)."""
     offline_index: list = field(default_factory=list)
     """Per completion: ``(group, completion)`` index into the offline data (cached reference log-probs), or None."""
+    action_mask: list = field(default_factory=list)
+    """Per completion: 1/0 per token of ``completion_ids``, 1 on the model's tokens, 0 on the environment's
+    (an episode's observations); ``None`` = every token is the model's (single turn, the default)."""
+    prompt_ids: list = field(default_factory=list)
+    """Per completion: the prompt's token ids as the engine consumed them (an episode: the chat template with its
+    tools and the environment's ``reset`` text); ``None`` = ``row["prompt"]`` tokenised as usual (the default)."""
+    episode: list = field(default_factory=list)
+    """Per completion: its :class:`gvpo.episodes.Episode` (the prompt it saw, its messages, its environment, what
+    went wrong), which rewards read; ``None`` for a single-turn completion (the default)."""
     truncated: int = 0
     """Completions generated for this prompt and then dropped because they hit ``rollout.max_new_tokens`` without
     EOS (``rollout.mask_truncated``): counted as generated, never trained."""
 
     def __post_init__(self):
         n = len(self.completion_ids)
-        defaults = {"rewards": None, "born_step": -1, "offline_index": None}
         for name in PER_COMPLETION:
             values = getattr(self, name)
-            if not values and n and name in defaults:
-                setattr(self, name, [defaults[name]] * n)
+            if not values and n and name in DEFAULTS:
+                setattr(self, name, [DEFAULTS[name]] * n)
             elif len(values) != n:
                 raise ValueError(f"Group {self.group_id}: {name} has {len(values)} entries for {n} completions")
 
@@ -90,7 +107,7 @@ class Batch:
     attention_mask: Tensor
     """(N, P + C)."""
     completion_mask: Tensor
-    """(N, C) 1 on completion tokens."""
+    """(N, C) 1 on completion tokens (attention and padding; an episode's observations included)."""
     rewards: Tensor
     """(N,) float."""
     group_ids: Tensor
@@ -101,6 +118,12 @@ class Batch:
     """(N, C) per-token log-probs of the policy before this batch's first update (PPO ratios)."""
     sources: list = field(default_factory=list)
     """Per row: where the completion came from (policy, reference, replay, offline)."""
+    action_mask: Tensor | None = None
+    """(N, C) 1 on the model's tokens: the loss tokens of every objective; ``None`` at construction = ``completion_mask``."""
+
+    def __post_init__(self):
+        if self.action_mask is None:
+            self.action_mask = self.completion_mask
 
     def __len__(self) -> int:
         return self.rewards.shape[0]
@@ -110,7 +133,7 @@ class Batch:
 
     @property
     def ref_logps(self) -> Tensor:
-        return sequence_logps(self.ref_token_logps, self.completion_mask)
+        return sequence_logps(self.ref_token_logps, self.action_mask)
 
 
 @dataclass
@@ -130,21 +153,23 @@ class Prepared:
 def build_batch(groups: list[Group], tokenizer, device) -> Batch:
     """Pad prompts on the left and completions on the right; one row per completion of every group.
 
-    Every completion must have a reward (drop unscored ones first with :meth:`Group.scored`).
+    Every completion must have a reward (drop unscored ones first with :meth:`Group.scored`). A completion's
+    ``prompt_ids`` (an episode's prompt as the engine consumed it) are used as they are; other prompts are
+    tokenised from ``row["prompt"]``. ``action_mask`` is ``completion_mask`` unless a completion has its own.
     """
-    from .rollout.hf import encode_prompts
-
-    prompts, comps, rs, gids, sources = [], [], [], [], []
+    prompts, given, comps, actions, rs, gids, sources = [], [], [], [], [], [], []
     for group in groups:
-        for ids, r, src in zip(group.completion_ids, group.rewards, group.sources):
+        for i, (ids, r, src) in enumerate(zip(group.completion_ids, group.rewards, group.sources)):
             if r is None:
                 raise ValueError(f"Group {group.group_id} has a completion without a reward; call .scored() first")
             prompts.append(group.row["prompt"])
+            given.append(group.prompt_ids[i])
             comps.append(ids)
+            actions.append(group.action_mask[i])
             rs.append(r)
             gids.append(group.group_id)
             sources.append(src)
-    enc = encode_prompts(tokenizer, prompts)
+    prompt_ids, prompt_mask = _prompt_tensors(tokenizer, prompts, given)
     pad = tokenizer.pad_token_id
     width = max(max((len(c) for c in comps), default=1), 1)
     completion_ids = torch.full((len(comps), width), pad, dtype=torch.long)
@@ -152,14 +177,42 @@ def build_batch(groups: list[Group], tokenizer, device) -> Batch:
     for i, c in enumerate(comps):
         completion_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
         completion_mask[i, : len(c)] = 1
+    action_mask = None
+    if any(a is not None for a in actions):
+        action_mask = completion_mask.clone()
+        for i, a in enumerate(actions):
+            if a is not None:
+                if len(a) != len(comps[i]):
+                    raise ValueError(f"action_mask has {len(a)} entries for a completion of {len(comps[i])} tokens")
+                action_mask[i, : len(a)] = torch.tensor(a, dtype=torch.long)
+        action_mask = action_mask.to(device)
     return Batch(
-        input_ids=torch.cat([enc["input_ids"], completion_ids], 1).to(device),
-        attention_mask=torch.cat([enc["attention_mask"], completion_mask], 1).to(device),
+        input_ids=torch.cat([prompt_ids, completion_ids], 1).to(device),
+        attention_mask=torch.cat([prompt_mask, completion_mask], 1).to(device),
         completion_mask=completion_mask.to(device),
         rewards=torch.tensor(rs, dtype=torch.float32, device=device),
         group_ids=torch.tensor(gids, dtype=torch.long, device=device),
         sources=sources,
+        action_mask=action_mask,
     )
+
+
+def _prompt_tensors(tokenizer, prompts: list, given: list) -> tuple[Tensor, Tensor]:
+    """``(N, P)`` left-padded prompt ids and mask: ``given[i]`` (token ids) where not ``None``, else ``prompts[i]``
+    tokenised (:func:`gvpo.rollout.hf.encode_prompts`)."""
+    from .rollout.base import left_pad
+    from .rollout.hf import encode_prompts
+
+    todo = [i for i, g in enumerate(given) if g is None]
+    if len(todo) == len(prompts):
+        enc = encode_prompts(tokenizer, prompts)
+        return enc["input_ids"], enc["attention_mask"]
+    given = list(given)
+    if todo:
+        enc = encode_prompts(tokenizer, [prompts[i] for i in todo])
+        for j, i in enumerate(todo):
+            given[i] = enc["input_ids"][j][enc["attention_mask"][j].bool()].tolist()
+    return left_pad(given, tokenizer.pad_token_id)
 
 
 def token_logps_for(model, batch: Batch, rows: slice, share_prompts: bool = True) -> Tensor:

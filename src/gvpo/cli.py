@@ -79,6 +79,11 @@ def _eval_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--items", help="write per-item results (completion, reward, correct) to this jsonl file")
     p.add_argument("--task-option", action="append", default=[], metavar="key=value", help="task factory option, repeatable (e.g. path=data.jsonl)")
+    p.add_argument("--environment", default="", help="episodes: environment class (dotted path), as task.environment")
+    p.add_argument("--tool", action="append", default=[], help="episodes: tool function (dotted path), repeatable, as task.tools")
+    p.add_argument("--max-turns", type=_count(0), default=0, help="episodes: most model turns (rollout.max_turns)")
+    p.add_argument("--max-observation-tokens", type=_count(0), default=0, help="episodes: rollout.max_observation_tokens")
+    p.add_argument("--env-timeout-s", type=_in_range(0, None), default=30.0, help="episodes: task.env_timeout_s")
     p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
 
 
@@ -208,7 +213,8 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from .config import ModelConfig, parse_override
+    from .config import ModelConfig, RolloutConfig, parse_override
+    from .episodes import load_environment_spec, with_episodes
     from .evaluate import evaluate
     from .model_checks import load_checked
     from .rollout import create_engine
@@ -217,7 +223,9 @@ def _eval(args) -> int:
     task = get_task(args.task, **dict(parse_override(o) for o in args.task_option))
     model, tokenizer = load_checked(ModelConfig(name_or_path=args.model), "cuda" if _cuda() else "cpu",
                                     progress=sys.stderr.isatty(), key="--model")
-    engine = create_engine(args.engine, model, tokenizer)
+    spec = load_environment_spec(args.environment, args.tool, args.env_timeout_s)
+    engine = with_episodes(create_engine(args.engine, model, tokenizer), tokenizer, spec,
+                           RolloutConfig(max_turns=args.max_turns, max_observation_tokens=args.max_observation_tokens))
     result = evaluate(engine, task, n=args.n, samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                       progress=sys.stderr.isatty(), items_path=args.items)

@@ -66,6 +66,12 @@ class TaskConfig:
     """Stop the run with a clear error if a reward call takes longer than this (user code that hangs); 0 = no limit."""
     eval_tasks: list = field(default_factory=list)
     """Extra task names evaluated during training, logged as ``eval/<task>/accuracy``."""
+    environment: str = ""
+    """Multi-turn episodes: dotted path to an environment class in TRL's conventions (``reset(**row)``, public methods as tools, optional ``get_reward()``), one instance per completion; empty = none (see README, "Multi-turn episodes and tools")."""
+    tools: list = field(default_factory=list)
+    """Multi-turn episodes: dotted paths to tool functions (type hints and a docstring, as TRL's ``tools=``)."""
+    env_timeout_s: float = 30.0
+    """Time limit of one call into an environment or tool; a call that raises or hangs is counted per step (``episodes/...`` metrics) and the model gets an error message; 0 = no limit."""
 
 
 @dataclass
@@ -79,7 +85,11 @@ class RolloutConfig:
     top_p: float = 1.0
     """Nucleus sampling threshold; 1 = off."""
     max_new_tokens: int = 0
-    """Completion length limit in tokens; 0 = the task's default."""
+    """Completion length limit in tokens; 0 = the task's default. Episodes: the whole episode after the prompt, model and environment tokens together (TRL's ``max_completion_length``)."""
+    max_turns: int = 0
+    """Episodes: most model turns per episode (the last one's tool calls are not run); 0 = until the model calls no tool or the budget is spent."""
+    max_observation_tokens: int = 0
+    """Episodes: cut a tool's result to this many tokens, marked ``[truncated]`` in it; 0 = no limit."""
     vllm_gpu_memory_utilization: float = 0.3
     """Share of GPU memory vLLM may take when colocated with the trainer."""
     mask_truncated: bool = False
@@ -301,7 +311,8 @@ def _set(config: RunConfig, key: str, value: Any) -> None:
 NON_NEGATIVE = ("train.max_steps", "train.micro_batch_size", "train.eval_every", "train.eval_n",
                 "train.checkpoint_every", "train.keep_checkpoints", "rollout.max_new_tokens", "optim.warmup_steps",
                 "optim.weight_decay", "optim.max_grad_norm", "objective.ref_sync_steps", "task.reward_timeout_s",
-                "sampler.replay_capacity", "sampler.replay_max_age", "sampler.mixture_offline")
+                "sampler.replay_capacity", "sampler.replay_max_age", "sampler.mixture_offline", "task.env_timeout_s",
+                "rollout.max_turns", "rollout.max_observation_tokens")
 """Counts and limits where a negative value has no meaning (0 keeps its documented meaning, e.g. "all")."""
 
 

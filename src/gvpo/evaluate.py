@@ -7,6 +7,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .batch import Group
+from .episodes import reward_keywords
 from .rewards import combine
 from .rollout import SamplingParams, hash_seed
 from .tasks import Task
@@ -23,7 +25,8 @@ def evaluate(engine, task: Task, *, n: int = 0, samples: int = 1, temperature: f
 
     Returns ``{"task", "n", "samples", "accuracy", "pass@K"}`` where accuracy is pass@1 (greedy) or
     avg@K (mean correctness over the K samples); per-item results go to ``items_path`` as jsonl. The
-    reward is called as in training (TRL's keywords, :mod:`gvpo.rewards`) with ``trainer_state``.
+    reward is called as in training (TRL's keywords, :mod:`gvpo.rewards`) with ``trainer_state``. An engine that
+    runs episodes (:func:`gvpo.episodes.with_episodes`) is evaluated on whole episodes.
     """
     rows = task.test[:n] if n else task.test
     reward = combine([task.accuracy_reward or task.rewards[0]])
@@ -37,13 +40,16 @@ def evaluate(engine, task: Task, *, n: int = 0, samples: int = 1, temperature: f
     for start in range(0, len(flat), batch_size):
         chunk = flat[start : start + batch_size]
         chunk_rows = [rows[i] for i, _ in chunk]
-        gen = engine.generate([r["prompt"] for r in chunk_rows],
-                              seeds=[hash_seed(seed, i, j) for i, j in chunk], params=params)
-        columns = {k: [r.get(k) for r in chunk_rows] for k in chunk_rows[0] if k != "prompt"}
-        ids = [gen.completion_ids[i][gen.completion_mask[i].bool()].tolist() for i in range(len(chunk))]
-        values = reward(prompts=[r["prompt"] for r in chunk_rows], completions=gen.texts, completion_ids=ids,
-                        trainer_state=trainer_state, **columns)
-        for (i, j), text, value in zip(chunk, gen.texts, values):
+        seeds = [hash_seed(seed, i, j) for i, j in chunk]
+        if hasattr(engine, "rollout"):  # episodes (gvpo.episodes): rewards get their prompts, messages, environments
+            texts, values = episode_values(engine, reward, chunk_rows, seeds, params, trainer_state)
+        else:
+            gen = engine.generate([r["prompt"] for r in chunk_rows], seeds=seeds, params=params)
+            columns = {k: [r.get(k) for r in chunk_rows] for k in chunk_rows[0] if k != "prompt"}
+            ids = [gen.completion_ids[i][gen.completion_mask[i].bool()].tolist() for i in range(len(chunk))]
+            texts, values = gen.texts, reward(prompts=[r["prompt"] for r in chunk_rows], completions=gen.texts,
+                                              completion_ids=ids, trainer_state=trainer_state, **columns)
+        for (i, j), text, value in zip(chunk, texts, values):
             correct[i][j] = is_correct(value)
             items.append({"index": i, "sample": j, "completion": text, "reward": value, "correct": correct[i][j],
                           **{k: v for k, v in rows[i].items() if isinstance(v, (str, int, float))}})
@@ -61,3 +67,11 @@ def evaluate(engine, task: Task, *, n: int = 0, samples: int = 1, temperature: f
         result[f"pass@{samples}"] = sum(any(c) for c in correct) / total
     return result
 
+
+def episode_values(engine, reward, rows: list[dict], seeds: list[int], params: SamplingParams,
+                   trainer_state) -> tuple[list[str], list]:
+    """Texts and rewards of one episode per row (an engine of :mod:`gvpo.episodes`)."""
+    episodes = engine.rollout(rows, seeds, params)
+    todo = [(Group(n, row, [e.completion_ids], [e.text], ["eval"], episode=[e]), 0)
+            for n, (row, e) in enumerate(zip(rows, episodes))]
+    return [e.text for e in episodes], reward(**reward_keywords(todo), trainer_state=trainer_state)

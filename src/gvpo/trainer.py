@@ -33,6 +33,7 @@ from . import checkpoint as ckpt
 from . import run_folder
 from .batch import Batch, Group, all_token_logps, build_batch
 from .config import ConfigError, RunConfig, flat_dict, save_config
+from .episodes import episode_metrics, load_environment_spec, reward_keywords, task_rewards, with_episodes
 from .evaluate import evaluate
 from .interrupt import Interrupted, StopRequests, resume_hint
 from .logprobs import sequence_logps
@@ -129,8 +130,8 @@ def setup(config: RunConfig, *, resume: str | Path | None = None, overwrite: boo
     torch.manual_seed(cfg_train.seed)
 
     task = get_task(config.task.name, **config.task.options)
-    reward_fn = combine(config.task.rewards or task.rewards, config.task.reward_weights or
-                        (None if config.task.rewards else task.reward_weights), timeout_s=config.task.reward_timeout_s)
+    spec = load_environment_spec(config.task.environment, config.task.tools, config.task.env_timeout_s)
+    reward_fn = combine(*task_rewards(config.task, task, spec), timeout_s=config.task.reward_timeout_s)
     eval_tasks = [get_task(name) for name in config.task.eval_tasks]
     max_new_tokens = config.rollout.max_new_tokens or task.max_new_tokens
 
@@ -154,8 +155,9 @@ def setup(config: RunConfig, *, resume: str | Path | None = None, overwrite: boo
     else:
         policy, optimizer = accelerator.prepare(policy, optimizer)
     model = accelerator.unwrap_model(policy)
-    engine = create_engine(config.rollout.engine, model, tokenizer, share_prompts=cfg_train.share_prompts,
-                           gpu_memory_utilization=config.rollout.vllm_gpu_memory_utilization)
+    engine = with_episodes(create_engine(config.rollout.engine, model, tokenizer, share_prompts=cfg_train.share_prompts,
+                                         gpu_memory_utilization=config.rollout.vllm_gpu_memory_utilization),
+                           tokenizer, spec, config.rollout)
     sampler = create_sampler(config.sampler, engine=engine, reference=reference, tokenizer=tokenizer,
                              k=config.rollout.k, seed=cfg_train.seed, max_new_tokens=max_new_tokens,
                              cache_dir=Path(config.output.dir) / ".ref_cache")
@@ -275,6 +277,7 @@ def run_loop(run: Run, stop: StopRequests) -> None:
         row = {"step": step + 1, "samples": state["samples"], "completions_trained": state["trained"],
                "optimizer_steps": state["optimizer_steps"], **gather_stats(updates, accelerator),
                **({"truncated": int(totals[3].item())} if config.rollout.mask_truncated else {}),
+               **episode_metrics(run.engine, scored, accelerator),
                "reward_none": int(totals[1].item()), "lr": run.scheduler.get_last_lr()[0], "time_s": state["elapsed_s"]}
 
         # 6. evaluate, log, checkpoint
@@ -372,11 +375,8 @@ def score(groups: list[Group], reward_fn, state: dict | None = None) -> list[lis
     cannot be scored). Nothing is changed in ``groups``. A reward that raises or returns something unusable is a
     ``RewardError`` naming it and the step."""
     todo = [(g, i) for g in groups for i in range(len(g)) if g.rewards[i] is None]
-    columns = {key: [g.row.get(key) for g, _ in todo] for key in (todo[0][0].row if todo else {}) if key != "prompt"}
-    try:
-        values = reward_fn(prompts=[g.row["prompt"] for g, _ in todo], completions=[g.texts[i] for g, i in todo],
-                           completion_ids=[g.completion_ids[i] for g, i in todo], trainer_state=state,
-                           **columns) if todo else []
+    try:  # TRL's keywords; an episode's prompt, messages and environment (gvpo.episodes.reward_keywords)
+        values = reward_fn(**reward_keywords(todo), trainer_state=state) if todo else []
     except RewardError as err:
         raise RewardError(f"step {state['step'] + 1}: {err}" if state else str(err)) from err
     for (g, i), v in zip(todo, values):
@@ -440,10 +440,10 @@ def tracker_config(config: RunConfig) -> dict:
 def gather_stats(updates: list[tuple[dict, Batch]], accelerator) -> dict:
     """Step metrics over all processes' completions, from the last epoch's updates (one per mini-batch):
     batch statistics over all its rows, the objective's scalars averaged over its optimizer steps."""
-    log_ratio = torch.cat([sequence_logps(stats["logps"], b.completion_mask) - b.ref_logps for stats, b in updates])
+    log_ratio = torch.cat([sequence_logps(stats["logps"], b.action_mask) - b.ref_logps for stats, b in updates])
     rewards = torch.cat([b.rewards for _, b in updates])
     group_ids = torch.cat([b.group_ids for _, b in updates])
-    lengths = torch.cat([b.completion_mask.sum(-1).float() for _, b in updates])
+    lengths = torch.cat([b.action_mask.sum(-1).float() for _, b in updates])
     sums = torch.stack([rewards.sum(), (rewards**2).sum(), log_ratio.sum(), lengths.sum(),
                         torch.tensor(float(len(rewards)), device=rewards.device)]).double()
     sums = accelerator.reduce(sums.to(accelerator.device), "sum")

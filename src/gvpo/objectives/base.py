@@ -9,6 +9,13 @@ An objective is used in two steps per optimizer step, which makes any micro-batc
    the batch, *linear in the rows*, so the micro-batch losses add up to the full-batch loss (times
    ``prepared.norm``) and their gradients to its gradient.
 
+Loss tokens. An objective sums and counts only the tokens of ``batch.action_mask`` (1 on the model's tokens):
+in a multi-turn episode the environment's observations sit inside the completion with ``completion_mask`` 1
+(they are attended to) and ``action_mask`` 0, and the environment's factor ``P(o_t | history)`` is the same
+under pi_theta and pi_ref, so ``log pi_theta(tau) - log pi_ref(tau)`` is exactly the sum over the model's tokens
+(:mod:`gvpo.episodes`). ``completion_mask`` is attention and padding only; never use it for a loss. For a
+single-turn completion the two masks are equal. ``batch.ref_logps`` is already the ``action_mask`` sum.
+
 The trainer sums ``prepared.norm`` over processes and divides every micro-batch loss by it (and
 multiplies by the number of processes, because DDP averages gradients).
 

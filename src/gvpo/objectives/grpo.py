@@ -25,8 +25,9 @@ away from the reference, even at the first update on a batch; ``False`` is the p
 ``train.updates_per_batch=1``, ``r = 1`` in value but its gradient is still the policy gradient
 ``-A_i * grad logp_it``. With ``kl_coef == 0`` no reference log-probs are needed.
 
-Aggregation of ``l`` over the ``N`` completions (``m_it`` = completion mask, ``|y_i| = sum_t m_it``),
-named as TRL's ``loss_type``:
+Aggregation of ``l`` over the ``N`` completions (``m_it`` = the loss mask, a batch's ``action_mask``: 1 on
+the model's tokens, 0 on an episode's observations and on padding, TRL's ``completion_mask * tool_mask``;
+``|y_i| = sum_t m_it`` counts the model's tokens only), named as TRL's ``loss_type``:
 
 - ``grpo`` (DeepSeekMath, the original GRPO): ``1/N sum_i 1/|y_i| sum_t m_it l_it``.
 - ``dapo`` (DAPO; TRL's default): ``sum_it m_it l_it / sum_it m_it`` over the whole step's batch.
@@ -187,7 +188,8 @@ def grpo_token_terms(token_logps: Tensor, old_token_logps: Tensor, ref_token_log
 
     ``token_logps, old_token_logps, ref_token_logps, completion_mask: (N, C)``; ``advantages: (N,)``
     (detached). ``ref_token_logps`` may be ``None`` when ``kl_coef == 0``. Values at masked positions
-    are ignored (they never reach an ``exp``), so padding may hold anything.
+    are ignored (they never reach an ``exp``), so padding may hold anything. ``completion_mask`` is the loss
+    mask: a :class:`~gvpo.batch.Batch`'s ``action_mask`` (an episode's observations are 0).
     """
     _check(token_logps, old_token_logps, ref_token_logps, advantages, completion_mask, epsilon, epsilon_high,
            kl_coef)
@@ -334,14 +336,14 @@ class GRPOObjective:
             raise ValueError(f"objective.kl_coef={self.kl_coef} needs reference log-probs; set kl_coef=0 to train without")
         return grpo_token_terms(token_logps, batch.old_token_logps[rows].to(token_logps.device),
                                 None if ref is None else ref.to(token_logps.device), advantages,
-                                batch.completion_mask[rows].to(token_logps.device),
+                                batch.action_mask[rows].to(token_logps.device),
                                 epsilon=self.epsilon, epsilon_high=self.epsilon_high, kl_coef=self.kl_coef,
                                 use_bias_correction_kl=self.use_bias_correction_kl)
 
     def prepare(self, batch: Batch, token_logps: Tensor) -> GRPOPrepared:
         """Advantages and aggregation scales of the whole batch; loss value at the current policy."""
         advantages = grpo_advantages(batch.rewards.double(), batch.group_ids, scale_rewards=self.scale_rewards)
-        mask = batch.completion_mask
+        mask = batch.action_mask
         scales, norm = aggregation_scales(mask, self.aggregation, max_completion_length=self.max_completion_length,
                                           dtype=torch.float64)
         all_rows = slice(None)

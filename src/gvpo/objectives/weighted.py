@@ -24,7 +24,7 @@ from .functional import WEIGHT_SCHEMES, gvpo_loss, gvpo_weights, weighted_nll
 
 
 def _micro_loss(token_logps: Tensor, batch: Batch, rows: slice, prepared: Prepared) -> Tensor:
-    logps = sequence_logps(token_logps, batch.completion_mask[rows])
+    logps = sequence_logps(token_logps, batch.action_mask[rows])
     return -(prepared.coef[rows].to(device=logps.device, dtype=logps.dtype) * logps).sum()
 
 
@@ -37,7 +37,7 @@ class GVPOObjective:
         self.beta = beta
 
     def prepare(self, batch: Batch, token_logps: Tensor) -> Prepared:
-        logps = sequence_logps(token_logps, batch.completion_mask).double()
+        logps = sequence_logps(token_logps, batch.action_mask).double()
         ref, rewards, gids = batch.ref_logps.double(), batch.rewards.double(), batch.group_ids
         index, num_groups = dense_index(gids)
         sizes = group_sizes(index, num_groups)
@@ -62,7 +62,7 @@ class WeightedObjective:
         self.scheme = WEIGHT_SCHEMES.resolve(name)
 
     def prepare(self, batch: Batch, token_logps: Tensor) -> Prepared:
-        logps = sequence_logps(token_logps, batch.completion_mask).double()
+        logps = sequence_logps(token_logps, batch.action_mask).double()
         ref, rewards, gids = batch.ref_logps.double(), batch.rewards.double(), batch.group_ids
         _, num_groups = dense_index(gids)
         w = self.scheme(logps, ref, rewards, gids, beta=self.beta)

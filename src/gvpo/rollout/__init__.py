@@ -5,9 +5,10 @@
 
 from __future__ import annotations
 
-from .base import Engine, Generation, SamplingParams, completion_mask_from_ids, hash_seed
+from .base import Engine, Generation, SamplingParams, completion_mask_from_ids, hash_seed, is_token_ids, left_pad
 
-__all__ = ["Engine", "Generation", "SamplingParams", "completion_mask_from_ids", "create_engine", "hash_seed"]
+__all__ = ["Engine", "Generation", "SamplingParams", "completion_mask_from_ids", "create_engine", "hash_seed",
+           "is_token_ids", "left_pad"]
 
 
 def create_engine(name: str, model, tokenizer, *, share_prompts: bool = True, **options) -> Engine:

@@ -21,6 +21,8 @@ class SamplingParams:
     mask_truncated: bool = False
     """Not an engine setting: :func:`gvpo.samplers.generate_groups` drops the completions that hit
     ``max_new_tokens`` without EOS from their groups (``rollout.mask_truncated``)."""
+    stop: tuple = ()
+    """Stop strings: a row ends after the token that completes one (kept in the completion); () = EOS only."""
 
 
 @dataclass
@@ -43,7 +45,8 @@ class Engine(Protocol):
     """What the trainer needs from a generation engine."""
 
     def generate(self, prompts: list, seeds: list[int], params: SamplingParams) -> Generation:
-        """One completion per entry of ``prompts``; ``seeds[i]`` alone decides row i's randomness."""
+        """One completion per entry of ``prompts`` (strings, conversations, or token ids: token in, token out);
+        ``seeds[i]`` alone decides row i's randomness."""
         ...
 
     def sync_weights(self, model: torch.nn.Module) -> None:
@@ -73,3 +76,29 @@ def hash_seed(*parts: int) -> int:
         h = ((h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
         h ^= h >> 31
     return h & 0x7FFFFFFFFFFFFFFF
+
+
+def is_token_ids(prompt) -> bool:
+    """A prompt given as token ids (a list of ints) rather than text or a conversation.
+
+    >>> is_token_ids([5, 6]), is_token_ids("Q"), is_token_ids([{"role": "user", "content": "Q"}])
+    (True, False, False)
+    """
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], int)
+
+
+def left_pad(rows: list, pad: int) -> tuple[Tensor, Tensor]:
+    """Token id lists as ``(N, longest)`` left-padded ids and mask.
+
+    >>> ids, mask = left_pad([[5, 6], [7]], 0)
+    >>> ids.tolist(), mask.tolist()
+    ([[5, 6], [0, 7]], [[1, 1], [0, 1]])
+    """
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids, mask

@@ -12,12 +12,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+from transformers.generation.stopping_criteria import StopStringCriteria
 
 from ..logprobs import cache_argument, caches_prompts, prompt_cache, prompt_owners
 from ..sharding import is_sharded
-from .base import Generation, SamplingParams, completion_mask_from_ids
+from .base import Generation, SamplingParams, completion_mask_from_ids, is_token_ids, left_pad
 
 
 class SeededGumbelNoise(LogitsProcessor):
@@ -48,12 +49,14 @@ class SeededGumbelNoise(LogitsProcessor):
         return scores.float() + gumbel.to(scores.device)  # a fresh tensor: callers may keep it
 
 
-def render_prompt(tokenizer, prompt) -> str:
+def render_prompt(tokenizer, prompt, tools: list | None = None) -> str:
     """A prompt as text: a string as is; a conversation through the chat template (generation prompt
-    added), minus a leading BOS when the tokenizer adds one itself, so it is not there twice."""
+    added, ``tools`` rendered when given), minus a leading BOS when the tokenizer adds one itself, so it is
+    not there twice."""
     if not isinstance(prompt, list):
         return prompt
-    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
+                                         **({"tools": tools} if tools else {}))
     bos = tokenizer.bos_token
     if bos and text.startswith(bos) and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
         text = text[len(bos):]
@@ -61,9 +64,40 @@ def render_prompt(tokenizer, prompt) -> str:
 
 
 def encode_prompts(tokenizer, prompts: list) -> dict:
-    """Tokenise prompts (strings, or chat message lists through the chat template), left-padded."""
+    """Tokenise prompts (strings, or chat message lists through the chat template), left-padded; prompts given
+    as token ids (all of them) are left-padded as they are (token in, token out)."""
+    if prompts and is_token_ids(prompts[0]):
+        if not all(is_token_ids(p) for p in prompts):
+            raise ValueError("prompts mix token ids with text or conversations; give all of one kind")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ids, mask = left_pad(prompts, pad)
+        return {"input_ids": ids, "attention_mask": mask}
     texts = [render_prompt(tokenizer, p) for p in prompts]
     return tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=True)
+
+
+class StopStrings(StoppingCriteria):
+    """transformers' ``StopStringCriteria`` that also records, per row, how many new tokens it had when a stop
+    string first completed (``ends``; -1 = never), so the completion keeps exactly the tokens up to it."""
+
+    def __init__(self, tokenizer, stops, prompt_length: int):
+        self.inner = StopStringCriteria(tokenizer, list(stops))
+        self.prompt_length = prompt_length
+        self.ends: Tensor | None = None
+
+    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs) -> Tensor:
+        done = self.inner(input_ids, scores)
+        if self.ends is None:
+            self.ends = torch.full((input_ids.shape[0],), -1, dtype=torch.long)
+        new = done.cpu() & (self.ends < 0)
+        self.ends[new] = input_ids.shape[1] - self.prompt_length
+        return done
+
+    def mask(self, rows: int, width: int) -> Tensor:
+        """(rows, width) 1 on the tokens up to and including each row's stop string (all where none)."""
+        ends = self.ends if self.ends is not None else torch.full((rows,), -1)
+        ends = torch.where(ends < 0, torch.full_like(ends, width), ends)
+        return (torch.arange(width)[None, :] < ends[:, None]).long()
 
 
 def eos_ids(tokenizer, model) -> list[int]:
@@ -119,14 +153,18 @@ class HFEngine:
             processors.append(SeededGumbelNoise(seeds))
         gen_config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False,
                                       eos_token_id=eos, pad_token_id=pad)
+        stops = StopStrings(self.tokenizer, params.stop, prompt_ids.shape[1]) if params.stop else None
         was_training = self.model.training
         self.model.eval()
         out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_config,
                                   logits_processor=processors, synced_gpus=synced_processes(self.model),
+                                  **({"stopping_criteria": StoppingCriteriaList([stops])} if stops else {}),
                                   **self._shared_prompt_cache(prompt_ids, prompt_mask))
         self.model.train(was_training)
         completion_ids = out[:, prompt_ids.shape[1]:]
         mask = completion_mask_from_ids(completion_ids, eos)
+        if stops is not None:
+            mask = mask * stops.mask(*mask.shape).to(mask.device)
         completion_ids = completion_ids.masked_fill(mask == 0, pad)
         keep = int(mask.sum(-1).max().item()) if mask.numel() else 0
         completion_ids, mask = completion_ids[:, : max(keep, 1)], mask[:, : max(keep, 1)]

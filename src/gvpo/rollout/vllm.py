@@ -14,7 +14,10 @@ How it maps onto gvpo's :class:`~gvpo.rollout.Engine`:
   reproducibility per seed only up to floating-point differences between batch shapes ("best
   effort"), unlike the HF engine's exact invariance.
 - Prompts are tokenised by gvpo (the same left-padded ids as the HF engine, chat templates
-  included) and handed to vLLM as token ids, so the trainer scores exactly the tokens vLLM saw.
+  included) and handed to vLLM as token ids, so the trainer scores exactly the tokens vLLM saw; a
+  prompt given as token ids (an episode's next turn) goes in as it is (token in, token out), and
+  ``SamplingParams.stop`` strings map to vLLM's ``stop`` (kept in the output). Written for the
+  episodes of :mod:`gvpo.episodes`; not run here (no GPU on the development machine).
 - Completions become a :class:`~gvpo.rollout.Generation` with the HF engine's padding and
   ``completion_mask`` (:func:`build_generation`).
 - Weights: vLLM holds its own copy. :meth:`VLLMEngine.sync_weights` streams the policy's weights
@@ -95,6 +98,8 @@ def to_vllm_sampling_params(params: SamplingParams, seed: int | None, *, stop_to
     >>> to_vllm_sampling_params(SamplingParams(8, temperature=0.7, greedy=True), seed=5, stop_token_ids=[2],
     ...                         vllm_module=False)
     {'n': 1, 'max_tokens': 8, 'temperature': 0.0, 'top_p': 1.0, 'seed': None, 'stop_token_ids': [2]}
+    >>> to_vllm_sampling_params(SamplingParams(8, greedy=True, stop=("</tool_call>",)), 1, vllm_module=False)["stop"]
+    ['</tool_call>']
     """
     if params.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
@@ -107,6 +112,8 @@ def to_vllm_sampling_params(params: SamplingParams, seed: int | None, *, stop_to
                   "top_p": float(params.top_p), "seed": None if seed is None else vllm_seed(seed)}
     if stop_token_ids:
         kwargs["stop_token_ids"] = [int(t) for t in stop_token_ids]
+    if params.stop:  # stop strings, kept in the output as the HF engine keeps them (token out = what was sampled)
+        kwargs.update(stop=list(params.stop), include_stop_str_in_output=True)
     if vllm_module is None:
         try:
             import vllm as vllm_module

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..batch import Group
+from ..episodes import episode_groups
 from ..rollout import Engine, SamplingParams, hash_seed
 from .base import SAMPLERS, StatelessSampler
 
@@ -13,25 +14,34 @@ from .base import SAMPLERS, StatelessSampler
 def generate_groups(engine: Engine, rows: list[tuple[int, dict]], k: int, params: SamplingParams, *, seed: int,
                     step: int, source: str, first_completion: int = 0) -> list[Group]:
     """``k`` completions for each ``(position, row)``; completion j of the row at position p uses
-    seed ``hash_seed(seed, p, j)``, so a group never depends on how the batch is split. With
-    ``params.mask_truncated`` the completions that hit ``params.max_new_tokens`` without EOS are dropped
-    from their groups and counted in ``Group.truncated``."""
+    seed ``hash_seed(seed, p, j)``, so a group never depends on how the batch is split. An engine that runs
+    episodes (:class:`gvpo.episodes.EpisodeEngine`) gives k episodes per row, with the same seeds for their first
+    turn. With ``params.mask_truncated`` the completions (episodes: their packed ids) that hit
+    ``params.max_new_tokens`` without EOS are dropped from their groups and counted in ``Group.truncated``."""
     if k == 0:
         return [Group(pos, row, [], [], []) for pos, row in rows]
     prompts = [row["prompt"] for _, row in rows for _ in range(k)]
     seeds = [hash_seed(seed, pos, j + first_completion) for pos, _ in rows for j in range(k)]
-    gen = engine.generate(prompts, seeds, params)
-    eos = set(eos_token_ids(engine)) if params.mask_truncated else set()
-    groups = []
-    for g, (pos, row) in enumerate(rows):
-        sl = range(g * k, (g + 1) * k)
-        ids = [gen.completion_ids[i][gen.completion_mask[i].bool()].tolist() for i in sl]
-        group = Group(pos, row, ids, [gen.texts[i] for i in sl], [source] * k, born_step=[step] * k)
-        if params.mask_truncated:
-            keep = [j for j, c in enumerate(ids) if len(c) < params.max_new_tokens or c[-1] in eos]
-            group = dataclasses.replace(group.select(keep), truncated=k - len(keep))
-        groups.append(group)
+    if hasattr(engine, "rollout"):
+        groups = episode_groups(engine, rows, k, seeds, params, step=step, source=source)
+    else:
+        gen = engine.generate(prompts, seeds, params)
+        groups = []
+        for g, (pos, row) in enumerate(rows):
+            sl = range(g * k, (g + 1) * k)
+            ids = [gen.completion_ids[i][gen.completion_mask[i].bool()].tolist() for i in sl]
+            groups.append(Group(pos, row, ids, [gen.texts[i] for i in sl], [source] * k, born_step=[step] * k))
+    if params.mask_truncated:
+        eos = set(eos_token_ids(engine))
+        groups = [drop_truncated(group, params.max_new_tokens, eos) for group in groups]
     return groups
+
+
+def drop_truncated(group: Group, max_new_tokens: int, eos: set) -> Group:
+    """``group`` without the completions that reached ``max_new_tokens`` tokens without ending in EOS (TRL's
+    ``mask_truncated_completions``), counted in ``Group.truncated``."""
+    keep = [j for j, c in enumerate(group.completion_ids) if len(c) < max_new_tokens or c[-1] in eos]
+    return dataclasses.replace(group.select(keep), truncated=group.truncated + len(group) - len(keep))
 
 
 def eos_token_ids(engine: Engine) -> list[int]:
@@ -71,8 +81,8 @@ class PolicySampler(StatelessSampler):
             raise ValueError("sampler.source=reference needs objective.reference=fixed (a reference policy to sample from)")
         self.engine, self.k, self.seed, self.source, self.reference = engine, k, seed, source, reference
         # a frozen reference copy gets its own engine once; with LoRA the policy's engine samples with adapters off
-        self.reference_engine = (type(engine)(reference.model, engine.tokenizer)
-                                 if source == "reference" and not reference.lora else None)
+        make = getattr(engine, "for_model", None) or (lambda model: type(engine)(model, engine.tokenizer))
+        self.reference_engine = make(reference.model) if source == "reference" and not reference.lora else None
 
     def sample(self, rows: list[tuple[int, dict]], step: int, params: SamplingParams) -> list[Group]:
         if self.source == "policy":

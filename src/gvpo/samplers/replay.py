@@ -3,7 +3,8 @@ importance weights needed).
 
 A share ``replay_revisit`` of each step's prompts is drawn again from the buffer, and every prompt with
 history gets up to ``replay_historical`` stored completions (no older than ``replay_max_age`` steps)
-plus ``k - historical`` fresh ones, so a 4:4 group costs 4 generations instead of 8.
+plus ``k - historical`` fresh ones, so a 4:4 group costs 4 generations instead of 8. Episodes
+(:mod:`gvpo.episodes`) are stored with what training needs: their prompt ids, packed ids and action mask.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class ReplaySampler(StatelessSampler):
                                   step=step, first=[len(h) for h in history])
         return [Group(new.group_id, new.row, [it["ids"] for it in hist], [it["text"] for it in hist],
                       ["replay"] * len(hist), rewards=[it["reward"] for it in hist],
-                      born_step=[it["born"] for it in hist]) + new
+                      born_step=[it["born"] for it in hist], action_mask=[it.get("action_mask") for it in hist],
+                      prompt_ids=[it.get("prompt_ids") for it in hist]) + new
                 for hist, new in zip(history, fresh)]
 
     def after_update(self, groups: list[Group], step: int) -> None:
@@ -63,10 +65,12 @@ class ReplaySampler(StatelessSampler):
         for group in groups:
             key = prompt_key(group.row["prompt"])
             entry = self.buffer.pop(key, {"row": group.row, "items": []})
-            for ids, text, r, src, born in zip(group.completion_ids, group.texts, group.rewards, group.sources,
-                                               group.born_step):
-                if src == "policy":
-                    entry["items"].append({"ids": ids, "text": text, "reward": r, "born": born})
+            for ids, text, r, src, born, action, prompt in zip(group.completion_ids, group.texts, group.rewards,
+                                                               group.sources, group.born_step, group.action_mask,
+                                                               group.prompt_ids):
+                if src == "policy":  # an episode keeps its trained tokens: prompt ids and action mask
+                    episode = {"action_mask": action, "prompt_ids": prompt} if prompt is not None else {}
+                    entry["items"].append({"ids": ids, "text": text, "reward": r, "born": born, **episode})
             entry["items"] = [it for it in entry["items"] if step - it["born"] < self.max_age][-self.k:]
             self.buffer[key] = entry
         while len(self.buffer) > self.capacity:

@@ -19,6 +19,7 @@ def get_task(name: str, **options) -> Task:
 
 def _register_builtins() -> None:
     from . import arithmetic  # noqa: F401  (registers itself)
+    from . import calculator  # noqa: F401  (registers arithmetic_tool: chat questions with a calculator tool)
     from . import dataset  # noqa: F401  (registers dataset: the user's own data)
     from . import math_tasks  # noqa: F401  (registers gsm8k, math500, aime24)
 
