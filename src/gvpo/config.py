@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name_or_path: str = "default"
-    """Policy to train: a local folder or hub id of a transformers causal LM; ``default`` = the embedded arithmetic model."""
+    """Policy to train: a local folder or hub id of a transformers causal LM, or a ``.gguf`` file; ``default`` = the embedded arithmetic model."""
     dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
     """Parameter dtype; ``auto`` = float32 on CPU (no bf16 units here), bfloat16 on CUDA; float64 for exactness checks."""
     trust_remote_code: bool = False
@@ -48,6 +48,8 @@ class ModelConfig:
     """Dropout on the LoRA branch; needs ``model.disable_dropout=false``."""
     lora_target_modules: str = "all-linear"
     """Modules that get adapters: ``all-linear`` or a comma-separated list of module names."""
+    gguf_file: str = ""
+    """A GGUF file inside the folder ``name_or_path`` (``name_or_path`` may also be a ``.gguf`` file itself): dequantised once into a cached plain folder (needs ``pip install 'gvpo[gguf]'``; README "A real chat model")."""
 
 
 @dataclass
