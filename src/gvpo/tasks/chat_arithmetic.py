@@ -4,9 +4,13 @@ Made for real chat models (SmolLM2-135M-Instruct, ``gvpo model get smollm2-135m-
 in free text: the ``number_match`` reward (:mod:`gvpo.rewards.numbers`) reads the answer out of replies such
 as ``"47 + 38 = 85"``, ``"The answer is 85."`` or ``"**85**"``.
 
-Rows are ``{"prompt": [{"role": "user", "content": "What is 47 + 38?"}], "question": "What is 47 + 38?",
-"answer": "85"}`` (a ``{"role": "system"}`` message first when ``system`` is given; otherwise the chat
-template's own default system prompt applies).
+Rows are ``{"prompt": [...messages...], "question": "What is 47 + 38?", "answer": "85"}``. The prompt is a
+chat: a ``{"role": "system"}`` message when ``system`` is given (otherwise the chat template's own default
+system prompt applies), then ``shots`` worked examples as earlier turns (user: ``"What is 88 + 78?"``,
+assistant: ``"88 + 78 = 166"``, written ``EXAMPLE_ANSWER``), then the question. The examples are fixed train-side
+problems (the same in every prompt, never asked, independent of ``seed``); they show the format of a direct
+answer. SmolLM2-135M-Instruct asked without one (``shots=0``) mostly explains at length ("To add 59 and 63,
+we need to ...") and states a result after 30-50 tokens; with one it answers ``"21 + 46 = 69"`` (10 tokens).
 
 Options (``task.options.*``, or ``--task-option`` of ``gvpo eval``):
 
@@ -20,9 +24,11 @@ Options (``task.options.*``, or ``--task-option`` of ``gvpo eval``):
 - ``template``: the question, with ``{a}``, ``{op}`` (``+``, ``-``, ``*``) and ``{b}``; default
   ``"What is {a} {op} {b}?"``.
 - ``system``: a system message; ``None`` (default) = the chat template's own.
+- ``shots``: worked examples before the question, 0 to 8 (default 1).
 - ``num_test`` (default 200), ``num_train`` (default: all, at most ``TRAIN_CAP``), ``seed`` (shuffles the
-  train rows only), ``max_new_tokens`` (default 64: the model's long replies state the result after
-  30-50 tokens).
+  train rows only), ``max_new_tokens`` (default: :func:`default_max_new_tokens`, twice a direct answer's
+  tokens, 22 for two-digit addition; give 64 or more with ``shots=0``, whose long replies state the result
+  after 30-50 tokens).
 
 Splits. Every problem ``(a, op, b)`` allowed by the options is held out or not by a fixed hash of the
 problem (``HELD_OUT_SHARE`` of them), so train and test never share one whatever the options or
@@ -41,6 +47,8 @@ from ..config import ConfigError
 from .base import TASKS, Task
 
 DEFAULT_TEMPLATE = "What is {a} {op} {b}?"
+EXAMPLE_ANSWER = "{a} {op} {b} = {answer}"
+"""How a worked example (``shots``) answers its question."""
 OPERATIONS = {"add": "+", "sub": "-", "mul": "*"}
 SYMBOLS = {v: k for k, v in OPERATIONS.items()}
 SPLIT_SEED = 1234
@@ -156,11 +164,39 @@ class _Problems:
         return out
 
 
-def _row(a: int, op: str, b: int, template: str, system: str | None) -> dict:
-    question = template.format(a=a, op=OPERATIONS[op], b=b)
-    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
-        {"role": "user", "content": question}]
-    return {"prompt": messages, "question": question, "answer": str(answer(a, op, b))}
+def _question(a: int, op: str, b: int, template: str) -> str:
+    return template.format(a=a, op=OPERATIONS[op], b=b)
+
+
+def example_turns(examples: list[tuple[int, str, int]], template: str) -> list[dict]:
+    """Worked examples as earlier chat turns: the question, then the answer written ``EXAMPLE_ANSWER``.
+
+    >>> example_turns([(23, "add", 45)], DEFAULT_TEMPLATE)
+    [{'role': 'user', 'content': 'What is 23 + 45?'}, {'role': 'assistant', 'content': '23 + 45 = 68'}]
+    """
+    turns = []
+    for a, op, b in examples:
+        turns += [{"role": "user", "content": _question(a, op, b, template)},
+                  {"role": "assistant", "content": EXAMPLE_ANSWER.format(a=a, op=OPERATIONS[op], b=b,
+                                                                        answer=answer(a, op, b))}]
+    return turns
+
+
+def _row(problem: tuple[int, str, int], template: str, head: list[dict]) -> dict:
+    question = _question(*problem, template)
+    return {"prompt": [*head, {"role": "user", "content": question}], "question": question,
+            "answer": str(answer(*problem))}
+
+
+def default_max_new_tokens(digits: tuple[int, int], ops: tuple[str, ...]) -> int:
+    """Twice the tokens of the longest direct answer ``a op b = c`` (one token per digit, as SmolLM2's and most
+    BPE tokenizers write numbers, and 4 for `` op `` and `` = ``), so a short sentence around it fits too.
+
+    >>> default_max_new_tokens((2, 2), ("add",)), default_max_new_tokens((2, 2), ("add", "sub", "mul"))
+    (22, 24)
+    """
+    longest = max(len(str(answer(10 ** digits[0] - 1, op, 10 ** digits[1] - 1))) for op in ops)
+    return 2 * (digits[0] + digits[1] + longest + 4)
 
 
 @TASKS.register("chat_arithmetic")
@@ -172,16 +208,17 @@ def chat_arithmetic(
     negative: bool = False,
     template: str = DEFAULT_TEMPLATE,
     system: str | None = None,
+    shots: int = 1,
     num_test: int = 200,
     num_train: int | None = None,
     seed: int = 0,
-    max_new_tokens: int = 64,
+    max_new_tokens: int | None = None,
 ) -> Task:
     """Arithmetic questions in chat form for chat models, scored by ``number_match``; see the module docstring.
 
     >>> task = chat_arithmetic(num_test=3, num_train=5)
-    >>> task.test[0]["prompt"][0]["role"], len(task.test), len(task.train), task.rewards
-    ('user', 3, 5, ('number_match',))
+    >>> [m["role"] for m in task.test[0]["prompt"]], len(task.test), len(task.train), task.rewards
+    (['user', 'assistant', 'user'], 3, 5, ('number_match',))
     """
     if num_test < 1 or (num_train is not None and num_train < 1):
         raise ConfigError(f"task.options.num_test / num_train must be >= 1, got {num_test} / {num_train}")
@@ -192,17 +229,24 @@ def chat_arithmetic(
     if "1" not in filled or "2" not in filled:
         raise ConfigError(f"task.options.template={template!r}: expected a question with {{a}} and {{b}} (and "
                          "optionally {op}) and no other braces")
-    problems = _Problems(_parse_digits(digits), _parse_operations(operation), carries, negative)
+    if not 0 <= shots <= 8:
+        raise ConfigError(f"task.options.shots={shots}: expected 0 to 8 worked examples")
+    pair, ops = _parse_digits(digits), _parse_operations(operation)
+    problems = _Problems(pair, ops, carries, negative)
     listed = problems.listed()
     if listed is not None:
         test = [p for p in listed if is_held_out(*p)]
         random.Random(SPLIT_SEED).shuffle(test)
         train = [p for p in listed if not is_held_out(*p)]
+        examples = random.Random(SPLIT_SEED + 1).sample(train, min(shots, len(train)))
+        train = [p for p in train if p not in examples]
         random.Random(seed).shuffle(train)
         train = train[: num_train or TRAIN_CAP]
     else:
         test = problems.drawn(random.Random(SPLIT_SEED), num_test, held_out=True)
-        train = problems.drawn(random.Random(seed), num_train or TRAIN_CAP, held_out=False)
+        examples = problems.drawn(random.Random(SPLIT_SEED + 1), shots, held_out=False)
+        train = [p for p in problems.drawn(random.Random(seed), (num_train or TRAIN_CAP) + shots, held_out=False)
+                 if p not in examples][: num_train or TRAIN_CAP]
     if len(test) < num_test:
         raise ConfigError(f"task.options: these options allow only {len(test)} held-out problems; lower num_test "
                          f"(now {num_test}) or allow more problems (digits, operation, carries)")
@@ -211,13 +255,14 @@ def chat_arithmetic(
                          f"(now {num_train})")
     if not train:
         raise ConfigError("task.options: these options allow no train problems; allow more (digits, operation, carries)")
+    head = ([{"role": "system", "content": system}] if system is not None else []) + example_turns(examples, template)
     return Task(
         name="chat_arithmetic",
-        train=[_row(*p, template, system) for p in train],
-        test=[_row(*p, template, system) for p in test[:num_test]],
+        train=[_row(p, template, head) for p in train],
+        test=[_row(p, template, head) for p in test[:num_test]],
         rewards=("number_match",),
         accuracy_reward="number_match",
-        max_new_tokens=max_new_tokens,
-        extra={"digits": _parse_digits(digits), "operation": operation, "carries": carries, "negative": negative,
-               "template": template, "system": system, "split_seed": SPLIT_SEED, "held_out_share": HELD_OUT_SHARE},
+        max_new_tokens=max_new_tokens or default_max_new_tokens(pair, ops),
+        extra={"digits": pair, "operation": operation, "carries": carries, "negative": negative, "template": template,
+               "system": system, "examples": examples, "split_seed": SPLIT_SEED, "held_out_share": HELD_OUT_SHARE},
     )
