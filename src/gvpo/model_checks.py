@@ -52,7 +52,13 @@ def load_checked(config, device, progress: bool = True, key: str = "model.name_o
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    check_model_source(resolve_model_path(config.name_or_path), key)
+    from .gguf_model import ModelSourceError
+
+    try:
+        path = resolve_model_path(config.name_or_path, config.gguf_file)
+    except ModelSourceError as err:
+        raise ModelError(f"{key}={config.name_or_path}: {err}") from err
+    check_model_source(path, key)
     try:
         model, tokenizer = load_policy(config, device)
     except (ImportError, MemoryError, ConfigError):  # ConfigError: load_policy's own one-line refusals

@@ -15,13 +15,21 @@ from .config import ConfigError, ModelConfig
 from .sharding import gathered_state_dict
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """``default`` -> the embedded arithmetic model's folder; anything else unchanged."""
-    if name_or_path == "default":
+def resolve_model_path(name_or_path: str, gguf_file: str = "") -> str:
+    """``default`` -> the embedded arithmetic model's folder; a GGUF file (``*.gguf``, or a folder and
+    ``gguf_file``) -> its cached plain folder (:mod:`gvpo.gguf_model`); the name of a model ``gvpo model get``
+    fetched (not a local folder) -> its folder (:mod:`gvpo.model_fetch`); anything else unchanged."""
+    if name_or_path == "default" and not gguf_file:
         from .tasks.arithmetic import default_model_path
 
         return str(default_model_path())
-    return name_or_path
+    from .gguf_model import gguf_source, plain_folder
+    from .model_fetch import KNOWN_MODELS, fetched_folder
+
+    if name_or_path in KNOWN_MODELS and not gguf_file and not Path(name_or_path).exists():
+        return str(fetched_folder(name_or_path))
+    source = gguf_source(name_or_path, gguf_file)
+    return name_or_path if source is None else str(plain_folder(source))
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -114,7 +122,7 @@ def load_policy(config: ModelConfig, device: torch.device | str = "cpu"):
     """The trainable policy (optionally with LoRA adapters) and its tokenizer, in train mode, with dropout
     off unless ``config.disable_dropout`` is false."""
     device = torch.device(device)
-    path = resolve_model_path(config.name_or_path)
+    path = resolve_model_path(config.name_or_path, config.gguf_file)
     model_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
     check_causal_lm(model_config, path)
     if config.lora and config.lora_dropout and config.disable_dropout:

@@ -155,3 +155,4 @@ def combine(names: Sequence[str | RewardFn], weights: Sequence[float] | None = N
 
 from . import basic  # noqa: E402,F401  (registers the built-in rewards)
 from . import math  # noqa: E402,F401  (registers math, format)
+from . import numbers  # noqa: E402,F401  (registers number_match)
