@@ -18,6 +18,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 
+from .lm_head import fused_head, head_inputs, head_token_logps
 from .models import has_dropout
 
 DEFAULT_CHUNK_ROWS = 256
@@ -176,13 +177,28 @@ def _completion_token_logps(model: nn.Module, input_ids: Tensor, attention_mask:
                                              chunk_rows=chunk_rows)
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask,
                   position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    try:
-        logits = model(**kwargs, logits_to_keep=last_positions(input_ids, num_completion + 1)).logits
-    except TypeError:  # models without logits_to_keep
-        logits = model(**kwargs).logits
-    logits = logits[:, -(num_completion + 1) : -1]
-    labels = input_ids[:, -num_completion:]
-    token_logps = token_logps_from_logits(logits, labels, chunk_rows=chunk_rows)
+    head = fused_head(model, _base_model(model))
+    with _captured(head) as hidden:
+        try:
+            logits = model(**kwargs, logits_to_keep=last_positions(input_ids, num_completion + 1)).logits
+        except TypeError:  # models without logits_to_keep
+            logits = model(**kwargs).logits
+    scores = (hidden[-1] if head is not None else logits)[:, -(num_completion + 1) : -1]
+    return _scored(head, scores, input_ids[:, -num_completion:], completion_mask, chunk_rows)
+
+
+def _captured(head):
+    """:func:`gvpo.lm_head.head_inputs` for a fused head, else a context that yields None."""
+    return head_inputs(head) if head is not None else contextlib.nullcontext()
+
+
+def _scored(head, scores: Tensor, labels: Tensor, completion_mask: Tensor, chunk_rows: int) -> Tensor:
+    """Token log-probs of ``labels`` where ``completion_mask`` is 1 (0 elsewhere) from ``scores``: the head's input
+    hidden states when ``head`` is a fused head (:mod:`gvpo.lm_head`: the head runs on the masked positions
+    only), else the logits."""
+    if head is not None:
+        return head_token_logps(scores, head, labels, completion_mask, chunk_rows=chunk_rows)
+    token_logps = token_logps_from_logits(scores, labels, chunk_rows=chunk_rows)
     return token_logps * completion_mask.to(token_logps.dtype)
 
 
@@ -265,15 +281,17 @@ def shared_prompt_token_logps(model: nn.Module, input_ids: Tensor, attention_mas
     """
     num_completion = completion_mask.shape[1]
     plen = input_ids.shape[1] - num_completion
-    prompt_out, cache = prompt_cache(model, input_ids[:, :plen], attention_mask[:, :plen], owner)
-    positions = position_ids_from_mask(attention_mask)[:, plen:]
-    completion_logits = model(input_ids=input_ids[:, plen:], attention_mask=attention_mask, position_ids=positions,
-                              use_cache=True, **{cache_argument(model): cache}).logits
+    head = fused_head(model, _base_model(model))
+    with _captured(head) as hidden:
+        prompt_out, cache = prompt_cache(model, input_ids[:, :plen], attention_mask[:, :plen], owner)
+        positions = position_ids_from_mask(attention_mask)[:, plen:]
+        completion_logits = model(input_ids=input_ids[:, plen:], attention_mask=attention_mask, position_ids=positions,
+                                  use_cache=True, **{cache_argument(model): cache}).logits
+    prompt_scores, completion_scores = hidden if head is not None else (prompt_out.logits, completion_logits)
     labels = input_ids[:, plen:]
-    head = token_logps_from_logits(prompt_out.logits[:, -1][owner], labels[:, 0], chunk_rows=chunk_rows)
-    rest = token_logps_from_logits(completion_logits[:, :-1], labels[:, 1:], chunk_rows=chunk_rows)
-    token_logps = torch.cat([head[:, None], rest], 1)
-    return token_logps * completion_mask.to(token_logps.dtype)
+    first = _scored(head, prompt_scores[:, -1:][owner], labels[:, :1], completion_mask[:, :1], chunk_rows)
+    rest = _scored(head, completion_scores[:, :-1], labels[:, 1:], completion_mask[:, 1:], chunk_rows)
+    return torch.cat([first, rest], 1)
 
 
 def sequence_logps(token_logps: Tensor, completion_mask: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopP
 from ..logprobs import cache_argument, caches_prompts, prompt_cache, prompt_owners
 from ..sharding import is_sharded
 from .base import Generation, SamplingParams, completion_mask_from_ids
+from .kv_cache import in_place_cache
 
 
 class SeededGumbelNoise(LogitsProcessor):
@@ -123,7 +124,8 @@ class HFEngine:
         self.model.eval()
         out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_config,
                                   logits_processor=processors, synced_gpus=synced_processes(self.model),
-                                  **self._shared_prompt_cache(prompt_ids, prompt_mask))
+                                  **in_place_cache(self.model, self._shared_prompt_cache(prompt_ids, prompt_mask),
+                                                   params.max_new_tokens))
         self.model.train(was_training)
         completion_ids = out[:, prompt_ids.shape[1]:]
         mask = completion_mask_from_ids(completion_ids, eos)
