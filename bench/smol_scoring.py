@@ -1,7 +1,11 @@
 """Scoring completions on SmolLM2-135M-Instruct: the reference forward (no grad) and the update's forward and
-backward, with the LM head on materialised logits (``plain``, before) or on the hidden states of the scored
-tokens only (``fused``, :mod:`gvpo.lm_head`), and TRL 1.16's own fused head (``trl``: ``add_fused_lm_head``,
-which on CPU scores every position of prompt and completion) for scale.
+backward, as gvpo did before issue 19 and with each of its two changes, against TRL 1.16's scoring for scale:
+
+- ``before``: one padded pass, the LM head on materialised ``(B, C + 1, V)`` logits;
+- ``fused``: the LM head on the hidden states of the scored tokens only (:mod:`gvpo.lm_head`);
+- ``buckets``: rows in buckets of similar completion length, each pass trimmed to its longest (:mod:`gvpo.buckets`);
+- ``after``: both (gvpo's default now);
+- ``trl``: TRL's ``add_fused_lm_head`` (which on CPU scores every position of prompt and completion).
 
 The batch is a step's shape in ``vs_trl.py --smollm2``: 4 chat prompts (left-padded, the template's system
 message included) x k=8 completions, right-padded to 64 tokens, with lengths drawn like the model's own
@@ -11,7 +15,7 @@ alternating order over ``--rounds``; it reports the seconds of each phase (media
 the peak extra RSS of the forward+backward over what the model and inputs hold (``/proc/self/clear_refs``).
 
     python bench/smol_scoring.py --model-path $(gvpo model get smollm2-135m-instruct)
-    python bench/smol_scoring.py --variants plain,fused --rounds 2 --repeats 2
+    python bench/smol_scoring.py --variants before,after --rounds 2 --repeats 2
 """
 
 from __future__ import annotations
@@ -72,8 +76,10 @@ def child(spec: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     ids, attention, completion = make_batch(tokenizer, spec["prompts"], spec["k"], spec["tokens"], seed=0)
     variant = spec["variant"]
-    if variant == "plain":
+    if variant in ("before", "buckets"):
         logprobs.fused_head = lambda model, base: None
+    if variant in ("before", "fused"):
+        logprobs.PASS_COST = 10**9  # never worth a second pass: one bucket
     if variant == "trl":
         from trl.trainer.utils import add_fused_lm_head
 
@@ -116,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--model-path", help=f"SmolLM2-135M-Instruct folder (default ${smol.MODEL_ENV})")
-    p.add_argument("--variants", default="plain,fused,trl", help="plain, fused, trl (default all three)")
+    p.add_argument("--variants", default="before,fused,buckets,after,trl",
+                   help="before, fused, buckets, after, trl (default all)")
     p.add_argument("--rounds", type=int, default=2, help="runs of each variant, alternating the order (default 2)")
     p.add_argument("--repeats", type=int, default=2, help="measurements per run, median kept (default 2)")
     p.add_argument("--prompts", type=int, default=4)

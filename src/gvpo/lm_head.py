@@ -94,7 +94,7 @@ def head_token_logps(hidden: Tensor, head: nn.Linear, labels: Tensor, mask: Tens
     >>> head = nn.Linear(2, 3, bias=False)
     >>> _ = head.weight.data.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
     >>> hidden = torch.tensor([[[0.0, 0.0], [2.0, 0.0]]])
-    >>> head_token_logps(hidden, head, torch.tensor([[0, 0]]), torch.tensor([[0, 1]]))
+    >>> head_token_logps(hidden, head, torch.tensor([[0, 0]]), torch.tensor([[0, 1]])).detach()
     tensor([[ 0.0000, -0.2395]])
     """
     if hidden.shape[:-1] != labels.shape:
