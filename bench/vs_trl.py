@@ -90,12 +90,28 @@ def gvpo_child(spec: dict) -> dict:
         "output.dir": spec["out_dir"], "output.name": "gvpo", "output.report_to": [],
         "output.plots": False, "output.progress": False,
     })
+    before_save = peak_before_final_save()
     run_dir = train(config)
     peak = _models.peak_rss_bytes()
     ss = _models.steady_state(_models.read_metrics(run_dir))
     return {"seconds": ss["seconds"], "steps": ss["steps"], "completions": ss["completions"], "peak_rss": peak,
-            "peak_gpu": peak_gpu_bytes(),
+            "peak_rss_steps": before_save.get("peak_rss", peak), "peak_gpu": peak_gpu_bytes(),
             "mean_completion_len": statistics.mean(r["completion_len"] for r in ss["rows"])}
+
+
+def peak_before_final_save() -> dict:
+    """Wrap ``gvpo.trainer.finish`` (the final checkpoint and ``final/``, which TRL's runs here do not write) to note
+    the process's peak RSS before it, under ``"peak_rss"`` of the returned dict."""
+    import gvpo.trainer
+
+    noted, finish = {}, gvpo.trainer.finish
+
+    def noting(run):
+        noted["peak_rss"] = _models.peak_rss_bytes()
+        finish(run)
+
+    gvpo.trainer.finish = noting
+    return noted
 
 
 def trl_child(spec: dict) -> dict:
@@ -142,7 +158,8 @@ def trl_child(spec: dict) -> dict:
     if len(clock.ends) < 2:
         raise RuntimeError(f"TRL ran {len(clock.ends)} steps; need at least 2")
     return {"seconds": clock.ends[-1] - clock.ends[0], "steps": len(clock.ends) - 1,
-            "completions": per_step * (len(clock.ends) - 1), "peak_rss": peak, "peak_gpu": peak_gpu_bytes(),
+            "completions": per_step * (len(clock.ends) - 1), "peak_rss": peak, "peak_rss_steps": peak,
+            "peak_gpu": peak_gpu_bytes(),
             "mean_completion_len": statistics.mean(lengths) if lengths else float("nan"),  # the end-of-run log
             "trl_version": trl.__version__}
 
@@ -231,10 +248,12 @@ SMOLLM2_GOAL = (1.5, 0.8)
 def paired_ratios(runs: dict, side: str, memory: str) -> dict:
     """gvpo / ``side`` speed and memory ratios of each round (the two ran back to back, in alternating order),
     and their medians: less sensitive to the load of a shared machine than ratios of separate bests."""
-    speed = [g["completions_per_s"] / b["completions_per_s"] for g, b in zip(runs["gvpo"], runs[side])]
-    mem = [g[memory] / b[memory] for g, b in zip(runs["gvpo"], runs[side])]
+    pairs = list(zip(runs["gvpo"], runs[side]))
+    speed = [g["completions_per_s"] / b["completions_per_s"] for g, b in pairs]
+    mem = [g[memory] / b[memory] for g, b in pairs]
+    steps = [g.get("peak_rss_steps", g["peak_rss"]) / b.get("peak_rss_steps", b["peak_rss"]) for g, b in pairs]
     return {"speed_ratios": speed, "memory_ratios": mem, "median_speed_ratio": statistics.median(speed),
-            "median_memory_ratio": statistics.median(mem)}
+            "median_memory_ratio": statistics.median(mem), "median_steps_memory_ratio": statistics.median(steps)}
 
 
 def smollm2_goal(paired: dict) -> str:
@@ -335,8 +354,11 @@ def main(argv: list[str] | None = None) -> int:
                     r["completions_per_s"] = r["completions"] / r["seconds"]
                     results[preset][side].append(r)
                     gpu = f", peak GPU {_models.gib(r['peak_gpu']):.2f} GiB" if r.get("peak_gpu") else ""
+                    steps_peak = (f" ({_models.gib(r['peak_rss_steps']):.2f} before the final save)"
+                                  if r.get("peak_rss_steps", r["peak_rss"]) != r["peak_rss"] else "")
                     print(f"  {preset} {side:7s} round {rnd + 1}: {r['completions_per_s']:7.1f} completions/s, "
-                          f"{r['seconds'] / r['steps']:.3f} s/step, peak RSS {_models.gib(r['peak_rss']):.2f} GiB{gpu}, "
+                          f"{r['seconds'] / r['steps']:.3f} s/step, peak RSS {_models.gib(r['peak_rss']):.2f} GiB"
+                          f"{steps_peak}{gpu}, "
                           f"mean length {r['mean_completion_len']:.2f}, load {r['load_before']:.1f}-"
                           f"{r['load_after']:.1f}", flush=True)
 
@@ -373,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             summary[preset][side].update(paired)
             print(f"{preset} gvpo / {side}, median over {len(paired['speed_ratios'])} round(s) of the ratio within "
                   f"each round: speed {paired['median_speed_ratio']:.2f}x, memory {paired['median_memory_ratio']:.2f} "
+                  f"(before gvpo's final save: {paired['median_steps_memory_ratio']:.2f}) "
                   f"(per round: {', '.join(f'{r:.2f}' for r in paired['speed_ratios'])})"
                   + (smollm2_goal(paired) if preset == SMOLLM2 and side == "trl" else ""))
     refs = ", ".join(f"{m}: {c} completions/s, {g} GiB" for m, (c, g) in REFERENCE.items())
