@@ -10,18 +10,19 @@ backward, as gvpo did before issue 19 and with each of its two changes, against 
 The batch is a step's shape in ``vs_trl.py --smollm2``: 4 chat prompts (left-padded, the template's system
 message included) x k=8 completions, right-padded to 64 tokens, with lengths drawn like the model's own
 (about a third end early at EOS; mean 53). gvpo's variants share each group's prompt (the default); the
-tokens are random, since the cost does not depend on them. Every variant runs in its own process, in
-alternating order over ``--rounds``; it reports the seconds of each phase (median over ``--repeats``) and
-the peak extra RSS of the forward+backward over what the model and inputs hold (``/proc/self/clear_refs``).
+tokens are random, since the cost does not depend on them. The timings come from one process that runs the
+variants in turn, ``--repeats`` times in alternating order, so that the other jobs on the machine slow them
+alike; each variant's memory (the peak extra RSS of a forward and backward over what the model and inputs
+hold, via ``/proc/self/clear_refs``) from a process of its own.
 
     python bench/smol_scoring.py --model-path $(gvpo model get smollm2-135m-instruct)
-    python bench/smol_scoring.py --variants before,after --rounds 2 --repeats 2
+    python bench/smol_scoring.py --variants before,after --repeats 5
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import statistics
 import sys
 import time
@@ -65,57 +66,76 @@ def make_batch(tokenizer, prompts: int, k: int, width: int, seed: int):
             completion_mask)
 
 
+@contextlib.contextmanager
+def variant_settings(variant: str):
+    """gvpo's scoring as in ``variant``: the logits path and/or one padded pass where the variant says so."""
+    import gvpo.logprobs as logprobs
+
+    saved = logprobs.fused_head, logprobs.PASS_COST
+    if variant in ("before", "buckets"):
+        logprobs.fused_head = lambda model, base: None
+    if variant in ("before", "fused"):
+        logprobs.PASS_COST = 10**9  # a second pass is never worth it: one bucket
+    try:
+        yield
+    finally:
+        logprobs.fused_head, logprobs.PASS_COST = saved
+
+
+def scorer(variant: str, model, ids, attention, completion):
+    """A function returning ``(B, C)`` completion log-probs as ``variant`` computes them."""
+    from gvpo.logprobs import completion_token_logps
+
+    if variant != "trl":
+        def score():
+            with variant_settings(variant):
+                return completion_token_logps(model, ids, attention, completion)
+        return score
+    width = completion.shape[1]
+    labels = ids.masked_fill(attention == 0, -100)
+    labels[:, :-width] = -100
+
+    def score():  # TRL's _get_per_token_logps_and_entropies on one batch
+        return model(input_ids=ids, attention_mask=attention, labels=labels, fused_lm_head=True).log_probs[:, -width:]
+    return score
+
+
 def child(spec: dict) -> None:
+    """``mode`` time: every variant in this one process, interleaved ``repeats`` times (so a change of load hits
+    them alike); ``mode`` memory: one variant's forward and backward, peak RSS over the model and inputs."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import gvpo.logprobs as logprobs
 
     torch.set_num_threads(spec["threads"])
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     ids, attention, completion = make_batch(tokenizer, spec["prompts"], spec["k"], spec["tokens"], seed=0)
-    variant = spec["variant"]
-    if variant in ("before", "buckets"):
-        logprobs.fused_head = lambda model, base: None
-    if variant in ("before", "fused"):
-        logprobs.PASS_COST = 10**9  # never worth a second pass: one bucket
-    if variant == "trl":
+    if "trl" in spec["variants"]:
         from trl.trainer.utils import add_fused_lm_head
 
-        add_fused_lm_head(model)
-        width = completion.shape[1]
-
-        def score():
-            labels = ids.masked_fill(attention == 0, -100)
-            labels[:, :-width] = -100
-            out = model(input_ids=ids, attention_mask=attention, labels=labels, fused_lm_head=True)
-            return out.log_probs[:, -width:]
-    else:
-        def score():
-            return logprobs.completion_token_logps(model, ids, attention, completion)
-
+        add_fused_lm_head(model)  # a no-op for calls without fused_lm_head=True
     model.train()
-    times = {"forward (no grad)": [], "forward (grad)": [], "backward": []}
+    scores = {v: scorer(v, model, ids, attention, completion) for v in spec["variants"]}
+    times = {v: {"forward (no grad)": [], "forward (grad)": [], "backward": []} for v in scores}
     peak = 0.0
-    for _ in range(spec["repeats"]):
-        with torch.no_grad():
+    for rep in range(spec["repeats"]):
+        for variant in spec["variants"] if rep % 2 == 0 else spec["variants"][::-1]:
+            with torch.no_grad():
+                start = time.perf_counter()
+                scores[variant]()
+                times[variant]["forward (no grad)"].append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+            base = status_gib("VmRSS")
+            reset_peak()
             start = time.perf_counter()
-            score()
-            times["forward (no grad)"].append(time.perf_counter() - start)
-        model.zero_grad(set_to_none=True)
-        base = status_gib("VmRSS")
-        reset_peak()
-        start = time.perf_counter()
-        out = score()
-        times["forward (grad)"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        (out * completion).sum().backward()
-        times["backward"].append(time.perf_counter() - start)
-        peak = max(peak, status_gib("VmHWM") - base)
-        del out
-    _models.report({"seconds": {k: statistics.median(v) for k, v in times.items()}, "peak_extra_gib": peak,
-                    "load": _models.load_average()})
+            out = scores[variant]()
+            times[variant]["forward (grad)"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            (out * completion).sum().backward()
+            times[variant]["backward"].append(time.perf_counter() - start)
+            peak = max(peak, status_gib("VmHWM") - base)
+            del out
+    _models.report({"times": times, "peak_extra_gib": peak, "load": _models.load_average()})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-path", help=f"SmolLM2-135M-Instruct folder (default ${smol.MODEL_ENV})")
     p.add_argument("--variants", default="before,fused,buckets,after,trl",
                    help="before, fused, buckets, after, trl (default all)")
-    p.add_argument("--rounds", type=int, default=2, help="runs of each variant, alternating the order (default 2)")
-    p.add_argument("--repeats", type=int, default=2, help="measurements per run, median kept (default 2)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved measurements of each variant (default 3)")
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--tokens", type=int, default=64, help="completion width (default 64)")
@@ -138,20 +157,17 @@ def main(argv: list[str] | None = None) -> int:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     print(f"{args.prompts} prompts x k={args.k} x {args.tokens} completion tokens, {args.threads} threads, "
           f"OMP_WAIT_POLICY {omp}, load {_models.load_average():.2f}", flush=True)
-    results = {v: [] for v in variants}
-    for rnd in range(args.rounds):
-        for variant in variants if rnd % 2 == 0 else variants[::-1]:
-            spec = {"variant": variant, "model": str(model), "prompts": args.prompts, "k": args.k,
-                    "tokens": args.tokens, "threads": args.threads, "repeats": args.repeats}
-            r = _models.run_child(__file__, spec)
-            results[variant].append(r)
-            print(f"  {variant:6s} round {rnd + 1}: " + ", ".join(f"{k} {v:.2f} s" for k, v in r["seconds"].items())
-                  + f"; peak extra (forward+backward) {r['peak_extra_gib']:.2f} GiB; load {r['load']:.1f}", flush=True)
-    print("\nmedian over rounds")
-    for variant, runs in results.items():
-        phases = {k: statistics.median(r["seconds"][k] for r in runs) for k in runs[0]["seconds"]}
-        print(f"  {variant:6s} " + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items())
-              + f"; peak extra {statistics.median(r['peak_extra_gib'] for r in runs):.2f} GiB")
+    spec = {"model": str(model), "prompts": args.prompts, "k": args.k, "tokens": args.tokens, "threads": args.threads,
+            "repeats": args.repeats}
+    timed = _models.run_child(__file__, {**spec, "variants": variants})
+    print(f"seconds, median (min) of {args.repeats} interleaved measurements; load {timed['load']:.1f} at the end")
+    for variant, phases in timed["times"].items():
+        print(f"  {variant:8s} " + ", ".join(f"{k} {statistics.median(v):.2f} ({min(v):.2f})" for k, v in phases.items())
+              + f"; total {sum(statistics.median(v) for v in phases.values()):.2f}", flush=True)
+    print("peak extra RSS of a forward and backward (each variant alone in a process, 1 repeat)")
+    for variant in variants:
+        r = _models.run_child(__file__, {**spec, "variants": [variant], "repeats": 1})
+        print(f"  {variant:8s} {r['peak_extra_gib']:.2f} GiB", flush=True)
     return 0
 
 

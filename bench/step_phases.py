@@ -14,6 +14,11 @@ Memory: the process's peak RSS (``VmHWM``) is read before and after every phase,
 rose last is named, with the high-water mark after each phase; ``--torch-profile`` adds torch.profiler's
 top operators for one step (the second) of each side.
 
+FLOPs: during the first (untimed) step every phase runs under ``torch.utils.flop_counter.FlopCounterMode``
+(matmuls and attention, forward and backward, as torch counts them); each phase's GFLOP/s is that count over
+the phase's mean seconds in the timed steps (whose completions differ in length a little from the first's),
+shown as a share of the float32 matmul peak measured in a child process before the runs.
+
     python bench/step_phases.py --model-path $(gvpo model get smollm2-135m-instruct)   # smollm2, 3 steps
     python bench/step_phases.py --sides gvpo --steps 2 --tokens 64 --torch-profile
 """
@@ -29,6 +34,8 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _chat_task as smol  # noqa: E402
@@ -56,6 +63,7 @@ class Phases:
         self.peaks: list[tuple[str, int]] = []  # (phase, VmHWM KiB after it) each time it rose
         self.profile_step, self.profiler, self.table = profile_step, None, ""
         self.outside = 0  # > 0 inside an excluded phase: nested timers do not count
+        self.flops = defaultdict(int)  # phase -> FLOPs counted in the first step
 
     def wrap(self, owner, name: str, phase, *, exclude: bool = False) -> None:
         """Time every call of ``owner.name`` as ``phase`` (a name, or a function of the call's args giving one)."""
@@ -68,10 +76,14 @@ class Phases:
             label = phase(*args, **kwargs) if callable(phase) else phase
             hwm, start = vm_kib("VmHWM"), time.perf_counter()
             self.outside += exclude
+            counter = FlopCounterMode(display=False) if self.step == 0 and not exclude else contextlib.nullcontext()
             try:
-                return original(*args, **kwargs)
+                with counter:
+                    return original(*args, **kwargs)
             finally:
                 self.outside -= exclude
+                if isinstance(counter, FlopCounterMode):
+                    self.flops[label] += counter.get_total_flops()
                 elapsed = time.perf_counter() - start
                 if exclude:
                     self.excluded[self.step] += elapsed
@@ -105,7 +117,7 @@ class Phases:
         mean = {p: sum(self.seconds[s][p] for s in steps) / len(steps) for p in phases}
         step_s = (self.step_end[steps[-1]] - self.step_end[0]) / len(steps)
         return {"step_s": step_s, "phases": mean, "peaks": self.peaks, "peak_rss": _models.peak_rss_bytes(),
-                "torch_profile": self.table}
+                "flops": dict(self.flops), "torch_profile": self.table}
 
 
 def instrument_gvpo(phases: Phases) -> None:
@@ -173,18 +185,26 @@ def child(spec: dict) -> None:
     _models.report({**phases.summary(), "load_before": before, "load_after": _models.load_average()})
 
 
-def show(side: str, r: dict) -> None:
-    """Print one side's seconds per phase (share of the step), "other" = what no timer covers, and the peaks."""
-    phases, step_s = dict(r["phases"]), r["step_s"]
+def show(side: str, r: dict, peak_flops: float) -> None:
+    """Print one side's seconds per phase (share of the step), "other" = what no timer covers, the GFLOP/s of each
+    phase as a share of the matmul peak, and the peaks of RSS."""
+    phases, step_s, flops = dict(r["phases"]), r["step_s"], dict(r["flops"])
     print(f"\n{side}: {step_s:.2f} s/step (steps after the first), peak RSS {_models.gib(r['peak_rss']):.2f} GiB, "
           f"load {r['load_before']:.1f}-{r['load_after']:.1f}")
-    if "update (all)" in phases:  # gvpo: the update's forward and loss = all of it less the timed parts inside
-        phases["update: forward and loss"] = phases.pop("update (all)") - sum(
-            s for p, s in phases.items() if p.startswith("update:"))
+    for values in (phases, flops):
+        if "update (all)" in values:  # gvpo: the update's forward and loss = all of it less the timed parts inside
+            values["update: forward and loss"] = values.pop("update (all)") - sum(
+                v for p, v in values.items() if p.startswith("update:"))
     top = sum(s for p, s in phases.items() if "(inside" not in p)
+    print(f"  {'phase':40s} {'s/step':>7s}  {'share':>5s}  {'GFLOP':>7s}  {'GFLOP/s':>7s}  of peak")
     for name in sorted(phases) + ["other"]:
         s = phases.get(name, step_s - top)
-        print(f"  {name:40s} {s:7.2f} s  {100 * s / step_s:5.1f}%")
+        f = flops.get(name, 0) / 1e9
+        rate = f"{f / s:7.1f}  {100 * f / s / (peak_flops / 1e9):5.1f}%" if f and s > 0 else ""
+        print(f"  {name:40s} {s:7.2f}  {100 * s / step_s:4.1f}%  {f:7.1f}  {rate}")
+    total = sum(v for p, v in flops.items() if "(inside" not in p) / 1e9
+    print(f"  {'step':40s} {step_s:7.2f}  100.0%  {total:7.1f}  {total / step_s:7.1f}  "
+          f"{100 * total / step_s / (peak_flops / 1e9):5.1f}%   (matmul peak {peak_flops / 1e9:.0f} GFLOP/s)")
     print("  peak RSS rose during: " + ", ".join(f"{p} ({k / 2**20:.2f} GiB)" for p, k in r["peaks"][-6:]))
     if r.get("torch_profile"):
         print(r["torch_profile"])
@@ -208,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     model = smol.model_path(args.model_path)
     print(f"{args.prompts} prompts x k={args.k} x up to {args.tokens} tokens, {args.steps} steps, {args.threads} "
           f"threads, OMP_WAIT_POLICY {omp}, load {_models.load_average():.2f}", flush=True)
+    peak_flops = _models.measure_peak(threads=args.threads)
     with tempfile.TemporaryDirectory(prefix="gvpo-phases-") as tmp:
         task = smol.gvpo_task_overrides(smol.write_prompts(tmp))
         for side in [s.strip() for s in args.sides.split(",") if s.strip()]:
@@ -217,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                     "gradient_checkpointing": side == "trl-gc", "out_dir": str(Path(tmp) / side),
                     "torch_profile": args.torch_profile}
             with contextlib.suppress(KeyboardInterrupt):
-                show(side, _models.run_child(__file__, spec))
+                show(side, _models.run_child(__file__, spec), peak_flops)
     return 0
 
 
