@@ -13,10 +13,11 @@ message included) x k=8 completions, right-padded to 64 tokens, with lengths dra
 tokens are random, since the cost does not depend on them. The timings come from one process that runs the
 variants in turn, ``--repeats`` times in alternating order, so that the other jobs on the machine slow them
 alike; each variant's memory (the peak extra RSS of a forward and backward over what the model and inputs
-hold, via ``/proc/self/clear_refs``) from a process of its own.
+hold, via ``/proc/self/clear_refs``) from a process of its own. ``--generate`` also times ``HFEngine.generate``
+on the step's rows with transformers' KV cache and with gvpo's in-place one (and checks the tokens agree).
 
     python bench/smol_scoring.py --model-path $(gvpo model get smollm2-135m-instruct)
-    python bench/smol_scoring.py --variants before,after --repeats 5
+    python bench/smol_scoring.py --variants before,after --repeats 5 --generate
 """
 
 from __future__ import annotations
@@ -101,8 +102,11 @@ def scorer(variant: str, model, ids, attention, completion):
 
 
 def child(spec: dict) -> None:
-    """``mode`` time: every variant in this one process, interleaved ``repeats`` times (so a change of load hits
-    them alike); ``mode`` memory: one variant's forward and backward, peak RSS over the model and inputs."""
+    """Time every variant of ``spec["variants"]`` in this one process, interleaved ``repeats`` times (a change of
+    load hits them alike), and note the peak extra RSS of a forward and backward (meaningful for one variant);
+    ``spec["generate"]``: :func:`generate_child`."""
+    if spec.get("generate"):
+        return generate_child(spec)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -138,6 +142,36 @@ def child(spec: dict) -> None:
     _models.report({"times": times, "peak_extra_gib": peak, "load": _models.load_average()})
 
 
+def generate_child(spec: dict) -> None:
+    """``HFEngine.generate`` on a step's rows (4 chat prompts x k=8, the trainer's seeds), with transformers' own
+    cache (``before``) and with the in-place one (``after``), interleaved ``repeats`` times; the tokens must agree."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import gvpo.rollout.hf as hf
+    from gvpo.rollout import SamplingParams, hash_seed
+
+    torch.set_num_threads(spec["threads"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    engine = hf.HFEngine(model, AutoTokenizer.from_pretrained(spec["model"]))
+    rows = smol.chat_rows(spec["prompts"], seed=0)
+    prompts = [r["prompt"] for r in rows for _ in range(spec["k"])]
+    seeds = [hash_seed(0, i // spec["k"], i % spec["k"]) for i in range(len(prompts))]
+    in_place, times, outputs = hf.in_place_cache, {"before": [], "after": []}, {}
+    for rep in range(spec["repeats"]):
+        for variant in ("before", "after") if rep % 2 == 0 else ("after", "before"):
+            hf.in_place_cache = in_place if variant == "after" else (lambda model, cache_kwargs, n: cache_kwargs)
+            start = time.perf_counter()
+            gen = engine.generate(prompts, seeds, SamplingParams(max_new_tokens=spec["tokens"]))
+            times[variant].append(time.perf_counter() - start)
+            outputs.setdefault(variant, gen.completion_ids)
+    hf.in_place_cache = in_place
+    same = torch.equal(outputs["before"], outputs["after"])
+    lengths = gen.completion_mask.sum(-1).float()
+    _models.report({"times": times, "same_tokens": same, "mean_length": float(lengths.mean()),
+                    "load": _models.load_average()})
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -149,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--tokens", type=int, default=64, help="completion width (default 64)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--generate", action="store_true",
+                   help="also time generate with transformers' KV cache and with gvpo's in-place one")
     parsed = _models.parse_args(p, argv, child)
     if parsed is None:
         return 0
@@ -168,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     for variant in variants:
         r = _models.run_child(__file__, {**spec, "variants": [variant], "repeats": 1})
         print(f"  {variant:8s} {r['peak_extra_gib']:.2f} GiB", flush=True)
+    if args.generate:
+        r = _models.run_child(__file__, {**spec, "generate": True})
+        print(f"generate, {args.prompts} x {args.k} rows, up to {args.tokens} new tokens (mean {r['mean_length']:.1f}); "
+              f"seconds, median (min) of {args.repeats}; tokens identical: {r['same_tokens']}; load {r['load']:.1f}")
+        for variant, values in r["times"].items():
+            print(f"  {variant:8s} {statistics.median(values):.2f} ({min(values):.2f})")
     return 0
 
 
