@@ -32,7 +32,18 @@ QWEN2_PRESETS``, random init, Qwen2's 151,936-token vocabulary), bf16 weights on
 CPU with ``qwen2-tiny`` and 3 steps of 8 tokens, to show the script works before a GPU is available
 (its numbers mean nothing).
 
+SmolLM2 mode (``--smollm2``, issue 19): the real chat model SmolLM2-135M-Instruct (134.5M parameters, 30 layers,
+49,152-token vocabulary, float32), from ``--model-path`` or ``$GVPO_SMOLLM2``: the folder that
+``gvpo model get smollm2-135m-instruct`` prints. Both sides train on the chat prompts of ``_chat_task`` ("What is
+47 + 38?" through the model's ChatML template, about 40 tokens with its default system message; TRL gets the
+conversations and applies the same template) with ``last_number_reward``: 4 prompts x k=8 x up to 64 new tokens
+per step; completions end at the model's EOS (``<|im_end|>``) or at 64 tokens, as the model writes them (mean
+about 53), 4 steps (3 timed), 3 rounds, each a gvpo/TRL pair in alternating order. It reports the median over
+rounds of the within-round ratios, and peak RSS both for the whole process and before gvpo's final checkpoint
+and ``final/`` save (TRL's runs here save nothing).
+
     python bench/vs_trl.py                         # 1m and 34m, 20 steps, 2 rounds
+    python bench/vs_trl.py --smollm2 --model-path "$(gvpo model get smollm2-135m-instruct)"
     python bench/vs_trl.py --models 1m --steps 10 --rounds 1
     python bench/vs_trl.py --gpu --json out.json   # on a GPU
     python bench/vs_trl.py --gpu --cpu-dry-run     # the GPU path on a CPU, tiny model

@@ -36,7 +36,8 @@ class _HeadTokenLogps(torch.autograd.Function):
     """``log softmax(hidden @ weight^T + bias)[labels]`` for ``hidden (n, H)``, chunk by chunk of rows.
 
     Backward: for each chunk, ``d = g * (onehot(label) - softmax)`` from recomputed logits, then
-    ``grad_hidden = d @ W`` and ``grad_W += d^T @ hidden`` (accumulated in float32 or float64).
+    ``grad_hidden = d @ W`` (in the weights' dtype) and ``grad_W += d^T @ hidden`` (accumulated in float32, or
+    float64 for a float64 head).
     """
 
     @staticmethod
@@ -68,8 +69,8 @@ class _HeadTokenLogps(torch.autograd.Function):
             g = grad_out[rows, None]
             d = _chunk_logits(hidden[rows], weight, bias, dtype).sub_(lse[rows, None]).exp_().mul_(-g)  # -g softmax
             d.scatter_add_(-1, labels[rows, None], g)  # + g at the label
-            if need_hidden:
-                grad_hidden[rows] = (d @ weight.to(dtype)).to(hidden.dtype)
+            if need_hidden:  # in the weights' dtype, as nn.Linear's backward (no float32 copy of a bf16 head)
+                grad_hidden[rows] = (d.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_weight:
                 grad_weight.addmm_(d.t(), hidden[rows].to(dtype))
             if need_bias:
