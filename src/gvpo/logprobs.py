@@ -18,6 +18,8 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 
+from .buckets import PASS_COST, cache_rows, length_buckets
+from .lm_head import fused_head, head_inputs, head_token_logps
 from .models import has_dropout
 
 DEFAULT_CHUNK_ROWS = 256
@@ -169,20 +171,45 @@ def _completion_token_logps(model: nn.Module, input_ids: Tensor, attention_mask:
                             chunk_rows: int = DEFAULT_CHUNK_ROWS, share_prompts: bool = True) -> Tensor:
     """:func:`completion_token_logps` in the model's current mode."""
     num_completion = completion_mask.shape[1]
+    owner = None
     if share_prompts and num_completion > 0 and caches_prompts(model):
         owner = prompt_owners(input_ids[:, :-num_completion], attention_mask[:, :-num_completion])
-        if owner is not None:
-            return shared_prompt_token_logps(model, input_ids, attention_mask, completion_mask, owner,
-                                             chunk_rows=chunk_rows)
+    buckets = length_buckets(completion_mask.sum(-1).tolist(), PASS_COST) if num_completion > 1 else []
+    if len(buckets) > 1:
+        return _bucketed_token_logps(model, input_ids, attention_mask, completion_mask, owner, buckets, chunk_rows)
+    if owner is not None:
+        return shared_prompt_token_logps(model, input_ids, attention_mask, completion_mask, owner, chunk_rows=chunk_rows)
+    return _plain_token_logps(model, input_ids, attention_mask, completion_mask, chunk_rows)
+
+
+def _plain_token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor,
+                       chunk_rows: int) -> Tensor:
+    """Every row's prompt and completion in one pass; the logits (or hidden states) of the last ``C + 1`` positions."""
+    num_completion = completion_mask.shape[1]
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask,
                   position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    try:
-        logits = model(**kwargs, logits_to_keep=last_positions(input_ids, num_completion + 1)).logits
-    except TypeError:  # models without logits_to_keep
-        logits = model(**kwargs).logits
-    logits = logits[:, -(num_completion + 1) : -1]
-    labels = input_ids[:, -num_completion:]
-    token_logps = token_logps_from_logits(logits, labels, chunk_rows=chunk_rows)
+    head = fused_head(model, _base_model(model))
+    with _captured(head) as hidden:
+        try:
+            logits = model(**kwargs, logits_to_keep=last_positions(input_ids, num_completion + 1)).logits
+        except TypeError:  # models without logits_to_keep
+            logits = model(**kwargs).logits
+    scores = (hidden[-1] if head is not None else logits)[:, -(num_completion + 1) : -1]
+    return _scored(head, scores, input_ids[:, -num_completion:], completion_mask, chunk_rows)
+
+
+def _captured(head):
+    """:func:`gvpo.lm_head.head_inputs` for a fused head, else a context that yields None."""
+    return head_inputs(head) if head is not None else contextlib.nullcontext()
+
+
+def _scored(head, scores: Tensor, labels: Tensor, completion_mask: Tensor, chunk_rows: int) -> Tensor:
+    """Token log-probs of ``labels`` where ``completion_mask`` is 1 (0 elsewhere) from ``scores``: the head's input
+    hidden states when ``head`` is a fused head (:mod:`gvpo.lm_head`: the head runs on the masked positions
+    only), else the logits."""
+    if head is not None:
+        return head_token_logps(scores, head, labels, completion_mask, chunk_rows=chunk_rows)
+    token_logps = token_logps_from_logits(scores, labels, chunk_rows=chunk_rows)
     return token_logps * completion_mask.to(token_logps.dtype)
 
 
@@ -241,15 +268,16 @@ def prompt_owners(prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor | None:
     return starts.long().cumsum(0) - 1
 
 
-def prompt_cache(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, owner: Tensor):
+def prompt_cache(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, owner: Tensor, rows: Tensor | None = None):
     """Run each distinct prompt once (its first row per ``owner``) with ``use_cache=True``; returns the
-    model output (last-position logits) and its KV cache gathered to all ``B`` rows."""
+    model output (last-position logits) and its KV cache gathered to all ``B`` rows (in the order ``rows``
+    when given)."""
     first_rows = torch.cat([owner.new_zeros(1), (owner[1:] != owner[:-1]).nonzero().squeeze(-1) + 1])
     ids, mask = prompt_ids[first_rows], prompt_mask[first_rows]
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True,
                 logits_to_keep=last_positions(ids, 1))
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-    cache.batch_select_indices(owner.to(ids.device))
+    cache.batch_select_indices((owner if rows is None else owner[rows]).to(ids.device))
     return out, cache
 
 
@@ -263,17 +291,63 @@ def shared_prompt_token_logps(model: nn.Module, input_ids: Tensor, attention_mas
     completion token is scored from the prompt's last logits, the others from the completion pass.
     For a group of k completions of a P-token prompt this runs ``P + k*C`` tokens instead of ``k*(P + C)``.
     """
+    plen = input_ids.shape[1] - completion_mask.shape[1]
+    head = fused_head(model, _base_model(model))
+    first, cache = _prompt_pass(model, head, input_ids, attention_mask, completion_mask, owner, None, chunk_rows)
+    rest = _continued(model, head, cache, input_ids, attention_mask, completion_mask, chunk_rows)
+    return torch.cat([first, rest], 1)
+
+
+def _prompt_pass(model, head, input_ids, attention_mask, completion_mask, owner, rows, chunk_rows):
+    """Each distinct prompt once: the first completion token's log-prob of every row (scored from its prompt's last
+    position), and the prompts' KV cache gathered to the rows (in the order ``rows`` when given)."""
+    plen = input_ids.shape[1] - completion_mask.shape[1]
+    with _captured(head) as hidden:
+        out, cache = prompt_cache(model, input_ids[:, :plen], attention_mask[:, :plen], owner, rows)
+    scores = hidden[-1] if head is not None else out.logits
+    first = _scored(head, scores[:, -1:][owner], input_ids[:, plen : plen + 1], completion_mask[:, :1], chunk_rows)
+    return first, cache
+
+
+def _continued(model, head, cache, input_ids, attention_mask, completion_mask, chunk_rows) -> Tensor:
+    """``(B, C - 1)`` log-probs of completion tokens 1.. from one pass of the completion tokens over ``cache`` (their
+    prompts' keys and values, one row per batch row)."""
+    plen = input_ids.shape[1] - completion_mask.shape[1]
+    positions = position_ids_from_mask(attention_mask)[:, plen:]
+    with _captured(head) as hidden:
+        logits = model(input_ids=input_ids[:, plen:], attention_mask=attention_mask, position_ids=positions,
+                       use_cache=True, **{cache_argument(model): cache}).logits
+    scores = hidden[-1] if head is not None else logits
+    return _scored(head, scores[:, :-1], input_ids[:, plen + 1 :], completion_mask[:, 1:], chunk_rows)
+
+
+def _bucketed_token_logps(model, input_ids, attention_mask, completion_mask, owner, buckets, chunk_rows) -> Tensor:
+    """:func:`completion_token_logps` with the rows in ``buckets`` (:func:`gvpo.buckets.length_buckets`), each run
+    trimmed to its longest completion. With ``owner`` (prefix sharing) the prompts run once and every bucket
+    continues its rows' part of their cache (a model whose cache layers :func:`gvpo.buckets.cache_rows` cannot
+    split runs all rows in one pass, as without buckets)."""
     num_completion = completion_mask.shape[1]
     plen = input_ids.shape[1] - num_completion
-    prompt_out, cache = prompt_cache(model, input_ids[:, :plen], attention_mask[:, :plen], owner)
-    positions = position_ids_from_mask(attention_mask)[:, plen:]
-    completion_logits = model(input_ids=input_ids[:, plen:], attention_mask=attention_mask, position_ids=positions,
-                              use_cache=True, **{cache_argument(model): cache}).logits
-    labels = input_ids[:, plen:]
-    head = token_logps_from_logits(prompt_out.logits[:, -1][owner], labels[:, 0], chunk_rows=chunk_rows)
-    rest = token_logps_from_logits(completion_logits[:, :-1], labels[:, 1:], chunk_rows=chunk_rows)
-    token_logps = torch.cat([head[:, None], rest], 1)
-    return token_logps * completion_mask.to(token_logps.dtype)
+    order = torch.tensor([row for bucket in buckets for row in bucket], device=input_ids.device)
+    first = cache = head = None
+    if owner is not None:
+        head = fused_head(model, _base_model(model))
+        first, cache = _prompt_pass(model, head, input_ids, attention_mask, completion_mask, owner, order, chunk_rows)
+        if cache_rows(cache, slice(0, 0)) is None:
+            buckets = [order.tolist()]
+    parts, start = [], 0
+    for bucket in buckets:
+        rows, part = order[start : start + len(bucket)], slice(start, start + len(bucket))
+        start += len(bucket)
+        width = max(1, int(completion_mask[rows].sum(-1).max()))
+        ids, mask, completion = input_ids[rows, : plen + width], attention_mask[rows, : plen + width], completion_mask[rows, :width]
+        if cache is None:
+            logps = _plain_token_logps(model, ids, mask, completion, chunk_rows)
+        else:
+            logps = _continued(model, head, cache_rows(cache, part), ids, mask, completion, chunk_rows)
+        parts.append(nn.functional.pad(logps, (0, num_completion - width)))
+    out = torch.cat(parts)[torch.argsort(order)]
+    return out if first is None else torch.cat([first, out], 1)
 
 
 def sequence_logps(token_logps: Tensor, completion_mask: Tensor) -> Tensor:

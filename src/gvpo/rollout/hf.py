@@ -19,6 +19,7 @@ from transformers.generation.stopping_criteria import StopStringCriteria
 from ..logprobs import cache_argument, caches_prompts, prompt_cache, prompt_owners
 from ..sharding import is_sharded
 from .base import Generation, SamplingParams, completion_mask_from_ids, is_token_ids, left_pad
+from .kv_cache import in_place_cache
 
 
 class SeededGumbelNoise(LogitsProcessor):
@@ -159,7 +160,8 @@ class HFEngine:
         out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_config,
                                   logits_processor=processors, synced_gpus=synced_processes(self.model),
                                   **({"stopping_criteria": StoppingCriteriaList([stops])} if stops else {}),
-                                  **self._shared_prompt_cache(prompt_ids, prompt_mask))
+                                  **in_place_cache(self.model, self._shared_prompt_cache(prompt_ids, prompt_mask),
+                                                   params.max_new_tokens))
         self.model.train(was_training)
         completion_ids = out[:, prompt_ids.shape[1]:]
         mask = completion_mask_from_ids(completion_ids, eos)
