@@ -85,7 +85,9 @@ def test_tool_episodes_train_with_the_same_update_for_any_micro_batch(tool_model
     rows = read_metrics(whole / "metrics.jsonl")
     assert rows[1]["episodes/tool_calls"] > 0.5 and rows[1]["episodes/turns"] > 1.5
     assert rows[1]["reward_mean"] > 1.0  # exact_match plus CalculatorEnv.get_reward: both count for good episodes
-    assert [r.get("loss") for r in rows] == [r.get("loss") for r in read_metrics(ones / "metrics.jsonl")]
+    # float64: the same losses up to the order of summation (length buckets group rows differently per micro-batch)
+    ones_losses = [r.get("loss") for r in read_metrics(ones / "metrics.jsonl")]
+    assert [r.get("loss") for r in rows] == [None if v is None else pytest.approx(v, rel=1e-12) for v in ones_losses]
     assert not all(torch.equal(v, params(whole)[k]) for k, v in load_file(str(tool_model / "model.safetensors")).items())
 
 
