@@ -16,8 +16,14 @@ from torch import Tensor
 
 from .logprobs import completion_token_logps, sequence_logps
 
-PER_COMPLETION = ("completion_ids", "texts", "sources", "rewards", "born_step", "offline_index")
+PER_COMPLETION = ("completion_ids", "texts", "sources", "rewards", "born_step", "offline_index", "policy_version",
+                  "sampler_token_logps", "ref_token_logps")
 """The ``Group`` fields that hold one value per completion, in step with each other."""
+
+REFERENCE_VERSION = -1
+"""``policy_version`` of a completion sampled from the fixed reference."""
+OFFLINE_VERSION = -2
+"""``policy_version`` of a completion read from an offline dataset."""
 
 
 @dataclass
@@ -44,10 +50,22 @@ class Group:
     """Step at which each completion was generated (replay age; -1 for offline data, the default)."""
     offline_index: list = field(default_factory=list)
     """Per completion: ``(group, completion)`` index into the offline data (cached reference log-probs), or None."""
+    policy_version: list = field(default_factory=list)
+    """Per completion: optimizer steps of the weights that sampled it (set under ``train.async_lag``, see
+    :mod:`gvpo.generation`); :data:`REFERENCE_VERSION` / :data:`OFFLINE_VERSION` for reference and offline
+    completions; None = sampled by the current weights and not recorded. No objective reads it."""
+    sampler_token_logps: list = field(default_factory=list)
+    """Per completion: ``(len,)`` token log-probs under the weights that sampled it, or None (GRPO's ratio under a lag)."""
+    ref_token_logps: list = field(default_factory=list)
+    """Per completion: ``(len,)`` fixed-reference token log-probs computed by the generator, or None."""
 
     def __post_init__(self):
         n = len(self.completion_ids)
-        defaults = {"rewards": None, "born_step": -1, "offline_index": None}
+        defaults = {"rewards": None, "born_step": -1, "offline_index": None, "sampler_token_logps": None,
+                    "ref_token_logps": None}
+        if not self.policy_version and n:
+            marker = {"reference": REFERENCE_VERSION, "offline": OFFLINE_VERSION}
+            self.policy_version = [marker.get(source) for source in self.sources]
         for name in PER_COMPLETION:
             values = getattr(self, name)
             if not values and n and name in defaults:
@@ -97,6 +115,10 @@ class Batch:
     """(N, C) per-token log-probs of the policy before this batch's first update (PPO ratios)."""
     sources: list = field(default_factory=list)
     """Per row: where the completion came from (policy, reference, replay, offline)."""
+    policy_versions: list = field(default_factory=list)
+    """Per row: the completion's ``Group.policy_version`` (bookkeeping only: no objective reads it)."""
+    sampler_token_logps: Tensor | None = None
+    """(N, C) token log-probs under the weights that sampled each row, when every row has them (under a lag)."""
 
     def __len__(self) -> int:
         return self.rewards.shape[0]
@@ -130,9 +152,10 @@ def build_batch(groups: list[Group], tokenizer, device) -> Batch:
     """
     from .rollout.hf import encode_prompts
 
-    prompts, comps, rs, gids, sources = [], [], [], [], []
+    prompts, comps, rs, gids, sources, versions, sampled = [], [], [], [], [], [], []
     for group in groups:
-        for ids, r, src in zip(group.completion_ids, group.rewards, group.sources):
+        for ids, r, src, version, logps in zip(group.completion_ids, group.rewards, group.sources,
+                                               group.policy_version, group.sampler_token_logps):
             if r is None:
                 raise ValueError(f"Group {group.group_id} has a completion without a reward; call .scored() first")
             prompts.append(group.row["prompt"])
@@ -140,6 +163,8 @@ def build_batch(groups: list[Group], tokenizer, device) -> Batch:
             rs.append(r)
             gids.append(group.group_id)
             sources.append(src)
+            versions.append(version)
+            sampled.append(logps)
     enc = encode_prompts(tokenizer, prompts)
     pad = tokenizer.pad_token_id
     width = max(max((len(c) for c in comps), default=1), 1)
@@ -155,7 +180,22 @@ def build_batch(groups: list[Group], tokenizer, device) -> Batch:
         rewards=torch.tensor(rs, dtype=torch.float32, device=device),
         group_ids=torch.tensor(gids, dtype=torch.long, device=device),
         sources=sources,
+        policy_versions=versions,
+        sampler_token_logps=pad_token_values(sampled, width, device) if sampled and None not in sampled else None,
     )
+
+
+def pad_token_values(values: list[Tensor], width: int, device) -> Tensor:
+    """``(N, width)``: row i holds ``values[i]`` (a ``(len_i,)`` tensor) followed by zeros, in their dtype.
+
+    >>> pad_token_values([torch.tensor([1., 2.]), torch.tensor([3.])], 3, "cpu")
+    tensor([[1., 2., 0.],
+            [3., 0., 0.]])
+    """
+    out = torch.zeros(len(values), width, dtype=values[0].dtype if values else torch.float32)
+    for i, v in enumerate(values):
+        out[i, : len(v)] = v
+    return out.to(device)
 
 
 def token_logps_for(model, batch: Batch, rows: slice, share_prompts: bool = True) -> Tensor:
