@@ -58,7 +58,8 @@ class LaggedSampler:
         start = time.perf_counter()
         groups = self.pending.pop(step) if step in self.pending else self._collect(step)
         waited = time.perf_counter() - start
-        idle, self._idle = self.generator.idle_seconds() - self._idle, self.generator.idle_seconds()
+        idle_total = self.generator.idle_seconds()
+        idle, self._idle = idle_total - self._idle, idle_total
         stale = [self.version - v for g in groups for v in g.policy_version if v is not None and v >= 0]
         self.metrics = {"staleness_mean": sum(stale) / len(stale) if stale else 0.0,
                         "staleness_max": max(stale, default=0), "gen_wait_s": waited, "train_wait_s": idle}

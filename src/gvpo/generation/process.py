@@ -1,8 +1,8 @@
 """The process generator: a ``torch.multiprocessing`` spawn process with its own copy of the model, its own
 engine and sampler, generating while the trainer trains (a thread would not do: generation holds the GIL).
 
-Weights travel through shared memory: ``lag + 1`` slots, each a CPU tensor per trainable parameter, and a
-shared version counter per slot. The trainer publishes the weights of the start of step ``w`` into slot
+Weights travel through shared memory: ``lag + 1`` slots, each one flat CPU buffer per dtype holding every
+trainable parameter, and a shared version counter per slot. The trainer publishes the weights of the start of step ``w`` into slot
 ``w mod (lag + 1)``; every job still queued or running uses weights of a step in ``[s - lag, s]`` when step
 ``s`` publishes, so the slot it overwrites is free. The worker copies a job's slot into its model before
 generating and checks the slot's version before and after the copy (:class:`GeneratorError` if it ever
@@ -50,6 +50,8 @@ class WorkerSpec:
     device: str
     threads: int
     scoring: Scoring
+    layout: list
+    """``(name, shape, dtype)`` of the trainer's trainable parameters, in order: the worker's must be the same."""
 
 
 class ProcessGenerator:
@@ -57,9 +59,8 @@ class ProcessGenerator:
     that its start-up overlaps the rest of the trainer's set-up; stopped by :meth:`close` or when dropped)."""
 
     def __init__(self, config, model: torch.nn.Module, lag: int, scoring: Scoring):
-        params = trainable(model)
-        self.slots = [{name: torch.empty(p.shape, dtype=p.dtype).share_memory_() for name, p in params.items()}
-                      for _ in range(lag + 1)]
+        buffers = [flat_buffers(trainable(model)) for _ in range(lag + 1)]
+        self.slots = [slot_views(trainable(model), b) for b in buffers]
         self.versions = torch.full((lag + 1,), -1, dtype=torch.long).share_memory_()
         self.slot_of: dict[int, int] = {}
         context = mp.get_context("spawn")
@@ -71,9 +72,9 @@ class ProcessGenerator:
             before = torch.get_num_threads()
             threads = max(1, before // 2)
             torch.set_num_threads(max(1, before - threads))
-        spec = WorkerSpec(config, str(next(model.parameters()).device), threads, scoring)
+        spec = WorkerSpec(config, str(next(model.parameters()).device), threads, scoring, layout(trainable(model)))
         self.process = context.Process(target=worker_main, name="gvpo-generator", daemon=True,
-                                       args=(spec, self.slots, self.versions, self.jobs, self.results, self.idle))
+                                       args=(spec, buffers, self.versions, self.jobs, self.results, self.idle))
         self.process.start()
         # close(): stop the worker (after its running job, or at once after 5 s) and give the threads back
         self.close = weakref.finalize(self, _stop, self.process, self.jobs, self.results, before)
@@ -94,8 +95,8 @@ class ProcessGenerator:
         while step not in self.done:
             kind, done_step, payload = self._receive()
             if kind == "error":
-                raise GeneratorError(f"the generator process failed at step {done_step + 1 if done_step is not None else 0}: "
-                                     f"{payload}")
+                when = "while starting" if done_step is None else f"generating step {done_step + 1}"
+                raise GeneratorError(f"the generator process failed {when}: {payload}")
             self.done[done_step] = decode_groups(payload)
         return self.done.pop(step)
 
@@ -127,7 +128,31 @@ def _stop(process, jobs, results, threads_before: int | None) -> None:
         torch.set_num_threads(threads_before)
 
 
-def worker_main(spec: WorkerSpec, slots: list[dict], versions: torch.Tensor, jobs, results, idle) -> None:
+def flat_buffers(params: dict[str, torch.Tensor]) -> dict[torch.dtype, torch.Tensor]:
+    """One shared-memory CPU buffer per dtype, large enough for all of ``params`` (one file descriptor each,
+    however many tensors the model has)."""
+    sizes: dict[torch.dtype, int] = {}
+    for p in params.values():
+        sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+    return {dtype: torch.empty(size, dtype=dtype).share_memory_() for dtype, size in sizes.items()}
+
+
+def layout(params: dict[str, torch.Tensor]) -> list:
+    return [(name, tuple(p.shape), str(p.dtype)) for name, p in params.items()]
+
+
+def slot_views(params: dict[str, torch.Tensor], buffers: dict[torch.dtype, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{name: view}``: each parameter's place in ``buffers``, in ``params``' order (the same on both sides)."""
+    offsets = dict.fromkeys(buffers, 0)
+    views = {}
+    for name, p in params.items():
+        start = offsets[p.dtype]
+        views[name] = buffers[p.dtype][start : start + p.numel()].view(p.shape)
+        offsets[p.dtype] = start + p.numel()
+    return views
+
+
+def worker_main(spec: WorkerSpec, buffers: list[dict], versions: torch.Tensor, jobs, results, idle) -> None:
     """The generator process: build model, engine, sampler; then one job at a time until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(spec.threads)
@@ -135,6 +160,9 @@ def worker_main(spec: WorkerSpec, slots: list[dict], versions: torch.Tensor, job
     try:
         sampler, model, tokenizer, engine, reference = _build(spec)
         params = trainable(model)
+        if layout(params) != spec.layout:
+            raise GeneratorError("the generator's model has other trainable parameters than the trainer's")
+        slots = [slot_views(params, b) for b in buffers]
         while True:
             start = time.perf_counter()
             item = _next(jobs)
