@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 
 import gvpo.trainer as trainer
@@ -122,6 +123,36 @@ def test_every_trained_completion_has_the_version_the_lag_implies(model_dir, tmp
     assert [r["optimizer_steps"] for r in logged] == [per_step * (s + 1) for s in range(5)]
 
 
+def test_each_step_trains_on_what_the_weights_of_lag_steps_earlier_sample(model_dir, tmp_path, monkeypatch, one_thread):
+    """Independently of :mod:`gvpo.generation`: record the weights at the start of every step and the completions
+    each step trains on; then a fresh policy sampler on a fresh model holding the weights of the start of step
+    max(0, s - 2) regenerates step s's rows: the same completions, token for token."""
+    from gvpo.rollout import SamplingParams
+    from gvpo.rollout.hf import HFEngine
+    from gvpo.samplers import PolicySampler, step_rows
+
+    starts, trained = [], []
+
+    def recording_update(policy, optimizer, batch, objective, **kw):
+        starts.append({k: v.detach().clone() for k, v in policy.state_dict().items()})
+        trained.append([ids[mask.bool()].tolist() for ids, mask in
+                        zip(batch.input_ids[:, -batch.completion_mask.shape[1]:], batch.completion_mask)])
+        return update(policy, optimizer, batch, objective, **kw)
+
+    monkeypatch.setattr(trainer, "update", recording_update)
+    config = load_config(None, overrides(model_dir, tmp_path, "regen", **{"train.async_lag": 2,
+                                                                          "train.async_backend": "inprocess"}))
+    trainer.train(config)
+    model, tokenizer = load_checked(config.model, "cpu")
+    task = tiny.tiny_add()
+    sampler = PolicySampler(HFEngine(model, tokenizer), k=4, seed=0)
+    for step in range(5):
+        model.load_state_dict(starts[max(0, step - 2)])
+        groups = sampler.sample(step_rows(task.train, step, 4, 0), step, SamplingParams(task.max_new_tokens))
+        assert [ids for g in groups for ids in g.completion_ids] == trained[step], step
+    assert trained[3] != trained[4]  # the steps differ (a check that could not fail otherwise)
+
+
 def test_permuting_or_replacing_the_versions_changes_no_update(model_dir, tmp_path, monkeypatch, one_thread):
     """No objective reads ``policy_version``: every registered objective gives the same loss and gradient, bit for
     bit, for a batch of mixed versions and for the same batch with the versions permuted; and a lagged run whose
@@ -134,6 +165,7 @@ def test_permuting_or_replacing_the_versions_changes_no_update(model_dir, tmp_pa
               for g in range(2)]
     flipped = [Group(g.group_id, g.row, g.completion_ids, g.texts, g.sources, rewards=g.rewards,
                      policy_version=g.policy_version[::-1], sampler_token_logps=g.sampler_token_logps) for g in groups]
+    accelerator = Accelerator(cpu=True)
     for name in OBJECTIVES.names():
         results = []
         for version_groups in (groups, flipped):
@@ -143,7 +175,7 @@ def test_permuting_or_replacing_the_versions_changes_no_update(model_dir, tmp_pa
             optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
             objective = create_objective(ObjectiveConfig(name=name), max_completion_length=8)
             stats = update(model, optimizer, batch, objective, micro_batch_size=0, share_prompts=True, max_grad_norm=0,
-                           accelerator=_NoAccelerator())
+                           accelerator=accelerator)
             results.append((stats["loss"], stats["grad_norm"], [p.detach().clone() for p in model.parameters()]))
         assert results[0][0] == results[1][0] and results[0][1] == results[1][1], name
         assert all(torch.equal(a, b) for a, b in zip(results[0][2], results[1][2])), name
@@ -155,24 +187,6 @@ def test_permuting_or_replacing_the_versions_changes_no_update(model_dir, tmp_pa
     replaced = run(model_dir, tmp_path, "replaced", **lagged)
     assert_identical(weights(honest), weights(replaced))
     assert rows(honest, drop=TIMING + LAG_KEYS) == rows(replaced, drop=TIMING + LAG_KEYS)
-
-
-class _NoAccelerator:
-    """The parts of ``accelerate.Accelerator`` that :func:`gvpo.update.update` uses, for one process."""
-
-    num_processes, device, sync_gradients = 1, torch.device("cpu"), True
-
-    def reduce(self, tensor, op):
-        return tensor
-
-    def no_sync(self, model):
-        raise AssertionError("one micro-batch: no accumulation")
-
-    def backward(self, loss):
-        loss.backward()
-
-    def clip_grad_norm_(self, params, max_norm):
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def test_grpo_ratio_is_to_the_sampler_under_a_lag_unless_turned_off():
