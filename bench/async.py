@@ -40,8 +40,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _models  # noqa: E402
 
-MODES = {"sync": 0, "lag1": 1, "lag2": 2}
-"""Speed modes: name -> ``train.async_lag`` (0 = synchronous on 2 threads; else the process backend, 1 + 1 threads)."""
+MODES = {"sync": (0, 2), "lag1": (1, 2), "lag2": (2, 2), "sync-1t": (0, 1)}
+"""Speed modes: name -> (``train.async_lag``, torch threads of the trainer's process). With a lag the process backend
+splits the threads (``train.async_threads=0``): 1 for the trainer, 1 for the generator. ``sync-1t`` (not run by
+default) shows what the second thread gives the synchronous loop."""
 VARIANTS = {
     "gvpo": {"objective.name": "gvpo"},
     "grpo-is": {"objective.name": "grpo", "objective.importance_sampling": True},
@@ -94,8 +96,15 @@ def overrides(model: str, lag: int, out_dir: Path, name: str, *, steps: int, see
             "output.progress": False}
 
 
-def run(spec_overrides: dict) -> dict:
-    return _models.run_child(__file__, {"threads": 2, "overrides": spec_overrides}, timeout=3600)
+def run(mode: str, model: str, out_dir: Path, name: str, **kw) -> dict:
+    lag, threads = MODES[mode]
+    return _models.run_child(__file__, {"threads": threads, "overrides": overrides(model, lag, out_dir, name, **kw)},
+                             timeout=3600)
+
+
+def rotated(items: list, r: int) -> list:
+    """``items`` starting at position ``r``: each mode runs first, second, ... in turn from round to round."""
+    return items[r % len(items):] + items[: r % len(items)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,10 +119,9 @@ def speed_runs(args, tmp: Path) -> list[dict]:
     for model_name in [m for m in args.models if m in models]:
         steps = args.steps if model_name == "1m" else args.steps_34m
         for r in range(args.rounds):
-            order = list(MODES)[r % len(MODES):] + list(MODES)[: r % len(MODES)]
-            for mode in order:
-                out = run(overrides(models[model_name], MODES[mode], tmp, f"{model_name}-{mode}-{r}", steps=steps,
-                                    seed=0, eval_every=0, eval_n=1, max_new_tokens=0 if model_name == "1m" else 5))
+            for mode in rotated(args.modes, r):
+                out = run(mode, models[model_name], tmp, f"{model_name}-{mode}-{r}", steps=steps, seed=0, eval_every=0,
+                          eval_n=1, max_new_tokens=0 if model_name == "1m" else 5)
                 ss = _models.steady_state(out["rows"])
                 row = {"kind": "speed", "model": model_name, "mode": mode, "round": r,
                        "completions_per_s": ss["completions"] / ss["seconds"], "s_per_step": ss["seconds"] / ss["steps"],
@@ -124,13 +132,15 @@ def speed_runs(args, tmp: Path) -> list[dict]:
                 results.append(row)
     if "1m" in args.models:
         for seed in range(args.seeds):
-            for mode in list(MODES)[seed % len(MODES):] + list(MODES)[: seed % len(MODES)]:
-                out = run(overrides("default", MODES[mode], tmp, f"acc-{mode}-{seed}", steps=args.accuracy_steps,
-                                    seed=seed, eval_every=1, eval_n=args.eval_n))
+            for mode in rotated(args.modes, seed):
+                out = run(mode, "default", tmp, f"acc-{mode}-{seed}", steps=args.accuracy_steps, seed=seed, eval_every=1,
+                          eval_n=args.eval_n)
                 hit = next((r["step"] for r in out["rows"] if r.get("eval/accuracy", 0) >= TARGET and r["step"] > 0),
                            None)
+                marks = out["marks"]
                 row = {"kind": "accuracy", "model": "1m", "mode": mode, "seed": seed, "steps_to_target": hit,
-                       "seconds_to_target": out["marks"][str(hit)] if hit else None,
+                       "seconds_to_target": marks[str(hit)] if hit else None,
+                       "seconds_after_step_1": marks[str(hit)] - marks["1"] if hit else None,
                        "final_accuracy": out["rows"][-1].get("eval/accuracy"), "eval_s": out["eval_s"],
                        "load": (out["load_before"], out["load_after"])}
                 print(json.dumps(row), flush=True)
@@ -138,31 +148,36 @@ def speed_runs(args, tmp: Path) -> list[dict]:
     return results
 
 
-def speed_table(results: list[dict]) -> str:
-    lines = ["| model | mode | completions/s (best) | each round | ratio to sync | s/step | gen_wait_s | train_wait_s "
-             "| peak RSS | load |", "|---|---|---|---|---|---|---|---|---|---|"]
+def speed_table(results: list[dict], modes: list[str]) -> str:
+    lines = ["| model | mode | completions/s, best | per round | ratio to sync, per round | median ratio | s/step (best) "
+             "| gen_wait_s | train_wait_s | peak RSS | load |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     speed = [r for r in results if r["kind"] == "speed"]
     for model in dict.fromkeys(r["model"] for r in speed):
-        best = {m: max((r for r in speed if r["model"] == model and r["mode"] == m),
-                       key=lambda r: r["completions_per_s"]) for m in MODES}
-        for mode, row in best.items():
-            rounds = [r["completions_per_s"] for r in speed if r["model"] == model and r["mode"] == mode]
-            lines.append(f"| {model} | {mode} | {row['completions_per_s']:.1f} | {', '.join(f'{x:.1f}' for x in rounds)} | "
-                         f"{row['completions_per_s'] / best['sync']['completions_per_s']:.2f}x | {row['s_per_step']:.3f} | "
-                         f"{_f(row['gen_wait_s'])} | {_f(row['train_wait_s'])} | {_models.gib(row['peak_rss']):.2f} GiB | "
-                         f"{row['load'][0]:.1f}-{row['load'][1]:.1f} |")
+        runs = {m: {r["round"]: r for r in speed if r["model"] == model and r["mode"] == m} for m in modes}
+        for mode in modes:
+            best = max(runs[mode].values(), key=lambda r: r["completions_per_s"])
+            ratios = [runs[mode][k]["completions_per_s"] / runs["sync"][k]["completions_per_s"] for k in sorted(runs[mode])
+                      if k in runs["sync"]]
+            loads = [x for r in runs[mode].values() for x in r["load"]]
+            lines.append(f"| {model} | {mode} | {best['completions_per_s']:.1f} | "
+                         f"{', '.join(format(r['completions_per_s'], '.0f') for _, r in sorted(runs[mode].items()))} | "
+                         f"{', '.join(f'{x:.2f}' for x in ratios)} | {statistics.median(ratios):.2f}x | "
+                         f"{best['s_per_step']:.3f} | {_f(best['gen_wait_s'])} | {_f(best['train_wait_s'])} | "
+                         f"{_models.gib(best['peak_rss']):.2f} GiB | {min(loads):.1f}-{max(loads):.1f} |")
     accuracy = [r for r in results if r["kind"] == "accuracy"]
     if accuracy:
-        lines += ["", f"| mode | reached {TARGET:.0%} | steps (per seed) | seconds to {TARGET:.0%} (per seed) | mean | "
-                      "ratio to sync | final accuracy |", "|---|---|---|---|---|---|---|"]
-        sync = _mean(r["seconds_to_target"] for r in accuracy if r["mode"] == "sync")
-        for mode in MODES:
-            rows = [r for r in accuracy if r["mode"] == mode]
-            secs = [r["seconds_to_target"] for r in rows]
-            mean = _mean(secs)
-            lines.append(f"| {mode} | {sum(s is not None for s in secs)}/{len(rows)} | "
-                         f"{', '.join(str(r['steps_to_target']) for r in rows)} | {', '.join(_f(s, '.1f') for s in secs)} | "
-                         f"{_f(mean, '.1f')} | {_f(mean / sync if mean and sync else None, '.2f')} | "
+        lines += ["", f"| mode | reached {TARGET:.0%} | steps (per seed) | seconds to {TARGET:.0%}, from the call to `train` "
+                      "(per seed) | ratio to sync (per seed) | seconds from the end of step 1 (per seed) | ratio to sync "
+                      "(per seed) | final accuracy (mean) |", "|---|---|---|---|---|---|---|---|"]
+        sync = {r["seed"]: r for r in accuracy if r["mode"] == "sync"}
+        for mode in modes:
+            rows = sorted((r for r in accuracy if r["mode"] == mode), key=lambda r: r["seed"])
+            cells = []
+            for key in ("seconds_to_target", "seconds_after_step_1"):
+                ratios = [r[key] / sync[r["seed"]][key] if r[key] and sync[r["seed"]][key] else None for r in rows]
+                cells += [", ".join(_f(r[key], ".1f") for r in rows), ", ".join(_f(x, ".2f") for x in ratios)]
+            lines.append(f"| {mode} | {sum(r['steps_to_target'] is not None for r in rows)}/{len(rows)} | "
+                         f"{', '.join(str(r['steps_to_target']) for r in rows)} | {' | '.join(cells)} | "
                          f"{_f(_mean(r['final_accuracy'] for r in rows))} |")
     return "\n".join(lines)
 
@@ -252,7 +267,8 @@ def main(argv=None) -> None:
     parser.add_argument("part", nargs="?", default="speed", choices=["speed", "staleness"])
     parser.add_argument("--quick", action="store_true", help="speed: 1 round, 1 seed, 12 and 4 steps")
     parser.add_argument("--models", default="1m,34m", help="speed: 1m (the embedded model) and/or 34m")
-    parser.add_argument("--rounds", type=int, default=3, help="speed: rounds per model and mode (best counts)")
+    parser.add_argument("--modes", default="sync,lag1,lag2", help=f"speed: among {', '.join(MODES)} (sync always runs)")
+    parser.add_argument("--rounds", type=int, default=4, help="speed: rounds per model, each running every mode")
     parser.add_argument("--steps", type=int, default=30, help="speed: steps per 1m run")
     parser.add_argument("--steps-34m", type=int, default=8, help="speed: steps per 34m run")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the accuracy runs and of the staleness runs")
@@ -271,6 +287,7 @@ def main(argv=None) -> None:
         return
     args, policy = parsed
     args.models = [m.strip() for m in args.models.split(",")]
+    args.modes = ["sync"] + [m.strip() for m in args.modes.split(",") if m.strip() and m.strip() != "sync"]
     args.lags = [int(x) for x in args.lags.split(",")]
     args.lrs = [float(x) for x in args.lrs.split(",")]
     if args.quick:
@@ -280,7 +297,7 @@ def main(argv=None) -> None:
     if args.part == "speed":
         with tempfile.TemporaryDirectory() as tmp:
             results = speed_runs(args, Path(tmp))
-        table = speed_table(results)
+        table = speed_table(results, args.modes)
     else:
         results = staleness_runs(args)
         table = staleness_table(results)
