@@ -8,7 +8,7 @@ step ``s`` trains: a step costs about max(generate, train) instead of their sum.
 loop (no generator at all). Runs stay deterministic: which weights sample which step does not depend on
 timing.
 
-- :mod:`.lagged`: the trainer's side, a Sampler (``train.async_lag``'s bookkeeping, checkpoints, metrics).
+- :mod:`.sampler`: the trainer's side, a Sampler (``train.async_lag``'s bookkeeping, checkpoints, metrics).
 - :mod:`.base`: the ``Generator`` protocol, and :func:`~.base.produce`, the work both backends do.
 - :mod:`.inprocess`: weight snapshots, generation in the trainer's process; exact, the tests' reference.
 - :mod:`.process`: a spawned process with its own model and engine, weights through shared memory.
@@ -28,7 +28,7 @@ async GRPO does; ``false`` treats stale samples as on-policy.
 """
 
 from .base import Generator, Job, Scoring, produce
-from .lagged import LaggedSampler, build, check, lag_metrics, lagged, running
+from .sampler import LaggedSampler, build, check, lag_metrics, lagged, running
 from .process import GeneratorError
 
 __all__ = ["Generator", "GeneratorError", "Job", "LaggedSampler", "Scoring", "build", "check", "lag_metrics",

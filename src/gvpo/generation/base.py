@@ -2,7 +2,7 @@
 
 A generator turns a :class:`Job` (a step's rows, and which published weights to sample them with) into
 that step's groups. The trainer-side bookkeeping (which step needs which weights, checkpoints, metrics)
-is :class:`gvpo.generation.lagged.LaggedSampler`; a backend only keeps weights and runs jobs:
+is :class:`gvpo.generation.sampler.LaggedSampler`; a backend only keeps weights and runs jobs:
 
 - :meth:`Generator.publish` records the trainer's current trainable weights as those of the start of
   step ``step`` (``version`` = optimizer steps taken so far);
