@@ -40,10 +40,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _models  # noqa: E402
 
-MODES = {"sync": (0, 2), "lag1": (1, 2), "lag2": (2, 2), "sync-1t": (0, 1)}
-"""Speed modes: name -> (``train.async_lag``, torch threads of the trainer's process). With a lag the process backend
-splits the threads (``train.async_threads=0``): 1 for the trainer, 1 for the generator. ``sync-1t`` (not run by
-default) shows what the second thread gives the synchronous loop."""
+MODES = {"sync": (0, 2, 0), "lag1": (1, 2, 0), "lag2": (2, 2, 0), "sync-1t": (0, 1, 0), "lag1-2+2": (1, 2, 2)}
+"""Speed modes: name -> (``train.async_lag``, torch threads of the trainer's process, ``train.async_threads``). With a
+lag and ``async_threads=0`` (the default) the process backend splits the 2 threads: 1 for the trainer, 1 for the
+generator. Not run by default: ``sync-1t`` shows what the second thread gives the synchronous loop; ``lag1-2+2`` gives
+both processes 2 threads (4 threads on 2 cores)."""
 VARIANTS = {
     "gvpo": {"objective.name": "gvpo"},
     "grpo-is": {"objective.name": "grpo", "objective.importance_sampling": True},
@@ -88,17 +89,19 @@ def child(spec: dict) -> None:
 
 
 def overrides(model: str, lag: int, out_dir: Path, name: str, *, steps: int, seed: int, eval_every: int,
-              eval_n: int, max_new_tokens: int = 0) -> dict:
+              eval_n: int, max_new_tokens: int = 0, async_threads: int = 0) -> dict:
     return {"model.name_or_path": model, "model.dtype": "float32", "rollout.max_new_tokens": max_new_tokens,
             "train.max_steps": steps, "train.seed": seed, "train.eval_every": eval_every, "train.eval_n": eval_n,
             "train.checkpoint_every": 0, "train.async_lag": lag, "train.async_backend": "process",
+            "train.async_threads": async_threads,
             "output.dir": str(out_dir), "output.name": name, "output.report_to": [], "output.plots": False,
             "output.progress": False}
 
 
 def run(mode: str, model: str, out_dir: Path, name: str, **kw) -> dict:
-    lag, threads = MODES[mode]
-    return _models.run_child(__file__, {"threads": threads, "overrides": overrides(model, lag, out_dir, name, **kw)},
+    lag, threads, async_threads = MODES[mode]
+    return _models.run_child(__file__, {"threads": threads, "overrides": overrides(model, lag, out_dir, name,
+                                                                                   async_threads=async_threads, **kw)},
                              timeout=3600)
 
 
