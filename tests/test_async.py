@@ -279,11 +279,12 @@ def test_kill_minus_nine_and_resume_give_identical_weights(model_dir, tmp_path, 
 
 
 def test_no_signal_no_update_in_lag_mode(model_dir, tmp_path, one_thread):
-    """All rewards 0, fixed reference computed by the spawned generator on its own copy of the initial model: the
-    GVPO weights are exactly 0 only if its reference log-probs equal the trainer's policy log-probs bit for bit
-    (same thread count), and then three lagged steps leave the weights exactly as they were."""
+    """All rewards 0, fixed reference: the GVPO weights are exactly 0 only if the reference log-probs that the
+    generator computed equal the trainer's policy log-probs bit for bit, and then three lagged steps leave the
+    weights exactly as they were. The in-process backend runs here; the process backend's reference log-probs are
+    the same bits (``test_process_backend_matches_the_inprocess_backend`` trains on them with a k3 penalty)."""
     out = run(model_dir, tmp_path, "zero", **{"task.rewards": ["tiny.zero_reward"], "train.max_steps": 3,
-                                             "train.async_lag": 2})
+                                             "train.async_lag": 2, "train.async_backend": "inprocess"})
     logged = read_metrics(out / "metrics.jsonl")[1:]
     assert [(r["kl"], r["grad_norm"]) for r in logged] == [(0.0, 0.0)] * 3
     assert [r["staleness_max"] for r in logged] == [0, 1, 2]  # optimizer steps were taken, with zero gradients
