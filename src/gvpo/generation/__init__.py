@@ -6,7 +6,8 @@ lag ``L``, rollout step ``s`` trains on groups sampled with the weights of the s
 initial weights for the first ``L`` steps), and a separate process generates step ``s + 1``'s groups while
 step ``s`` trains: a step costs about max(generate, train) instead of their sum. ``L = 0`` is the synchronous
 loop (no generator at all). Runs stay deterministic: which weights sample which step does not depend on
-timing.
+timing. The fixed point does not move, but the path does: what staleness costs in accuracy, for GVPO and
+GRPO with and without importance sampling, is measured in ``bench/README.md`` (section "``async.py``").
 
 - :mod:`.sampler`: the trainer's side, a Sampler (``train.async_lag``'s bookkeeping, checkpoints, metrics).
 - :mod:`.base`: the ``Generator`` protocol, and :func:`~.base.produce`, the work both backends do.
