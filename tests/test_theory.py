@@ -49,11 +49,27 @@ def sampling_probs(kind: str, log_ref: torch.Tensor, theta: torch.Tensor) -> tor
     raise AssertionError(kind)
 
 
-def train_sampled(loss_name, kind, *, beta=1.0, steps=1500, k=8, lr=0.05, seed=1, optimizer="amsgrad"):
+FINISH_TIME = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0], dtype=torch.float64)
+"""Mean generation time of each response (for the "first k of n to finish" sampler): response 4 is 16x slower."""
+
+
+def first_k_of_n(probs: torch.Tensor, k: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """``(P, k)`` responses: ``n`` sampled per prompt from ``probs``, each finishing after ``FINISH_TIME[y] * Exp(1)``,
+    and the first ``k`` to finish kept (what an asynchronous generator that stops waiting returns). The kept
+    responses are a dependent set, biased towards fast ones, with full support."""
+    ys = torch.multinomial(probs, n, replacement=True, generator=gen)
+    times = FINISH_TIME[ys] * -torch.rand(ys.shape, generator=gen, dtype=torch.float64).log()
+    return ys.gather(1, times.argsort(dim=1)[:, :k])
+
+
+def train_sampled(loss_name, kind, *, beta=1.0, steps=1500, k=8, lr=0.05, seed=1, optimizer="amsgrad", lag=0,
+                  kept=None):
     """Train ``theta`` (from uniform) on groups of ``k`` responses per prompt *sampled* from ``pi_s``.
 
     Returns ``(theta, log_star)``. ``loss_name``: ``"gvpo"`` (``gvpo_loss``) or ``"uncentred_mse"``
-    (``mean 0.5 * (R_theta - R)^2``, the naive loss of section 3.4).
+    (``mean 0.5 * (R_theta - R)^2``, the naive loss of section 3.4). ``lag``: step t samples with the
+    parameters of the start of step ``t - lag`` (the initial ones before), as ``train.async_lag`` does.
+    ``kept``: a list that receives each step's sampled responses.
     """
     log_ref, rewards, log_star = make_problem(beta)
     gen = torch.Generator().manual_seed(seed)
@@ -63,8 +79,17 @@ def train_sampled(loss_name, kind, *, beta=1.0, steps=1500, k=8, lr=0.05, seed=1
     else:
         opt = torch.optim.Adam([theta], lr=lr, amsgrad=optimizer == "amsgrad")
     group_ids = torch.arange(P).repeat_interleave(k) * 7 + 3  # non-contiguous labels
+    history = []
     for _ in range(steps):
-        ys = torch.multinomial(sampling_probs(kind, log_ref, theta), k, replacement=True, generator=gen)
+        history = (history + [theta.detach().clone()])[-(lag + 1):]
+        sampler_theta = history[0]  # the parameters of lag steps ago (the oldest kept)
+        probs = sampling_probs(kind if kind != "first_k_of_n" else "current_policy", log_ref, sampler_theta)
+        if kind == "first_k_of_n":
+            ys = first_k_of_n(probs, k, 2 * k, gen)
+        else:
+            ys = torch.multinomial(probs, k, replacement=True, generator=gen)
+        if kept is not None:
+            kept.append(ys)
         logps = theta.log_softmax(-1).gather(1, ys).reshape(-1)
         ref_logps = log_ref.gather(1, ys).reshape(-1)
         r = rewards.gather(1, ys).reshape(-1)
@@ -106,6 +131,31 @@ def test_sampled_gvpo_with_plain_sgd_constant_lr(kind, one_thread):
     converges to pi* itself (KL < 1e-6)."""
     theta, log_star = train_sampled("gvpo", kind, optimizer="sgd", lr=3.0)
     assert kl_star(log_star, theta) < 1e-6
+
+
+@pytest.mark.parametrize("lag", [1, 4, 16])
+def test_lagged_sampling_without_importance_weights_reaches_pi_star(lag, one_thread):
+    """Asynchronous rollouts (``train.async_lag``, issue 21): every group is sampled by the policy of ``lag`` steps
+    earlier and trained on as it is, with no importance weights and no clipping. Corollary 3.2 still applies (a
+    stale softmax policy has full support, and every per-sample loss is zero at pi*), so training converges to pi*
+    itself, as on-policy training does: KL(pi* || pi_theta) < 1e-6 after the same 1,500 steps."""
+    theta, log_star = train_sampled("gvpo", "current_policy", lag=lag)
+    assert kl_star(log_star, theta) < 1e-6
+
+
+def test_first_k_of_n_to_finish_reaches_pi_star(one_thread):
+    """An asynchronous generator that starts 2k completions per prompt and keeps the k that finish first (generation
+    time ``FINISH_TIME[y] * Exp(1)``): the kept groups are biased towards fast responses and are not independent
+    draws, and GVPO still reaches pi* (KL < 1e-6; slower than on-policy, as the slow responses are seen less: 2,500
+    steps). The bias is real: at the end, the slowest response's share among the kept completions is under half its
+    probability under the policy."""
+    kept = []
+    theta, log_star = train_sampled("gvpo", "first_k_of_n", kept=kept, steps=2500)
+    assert kl_star(log_star, theta) < 1e-6
+    last = torch.stack(kept[-500:])  # (500, P, k)
+    kept_share = (last == Y - 1).double().mean(dim=(0, 2))
+    policy_share = theta.detach().softmax(-1)[:, Y - 1]
+    assert (kept_share < 0.5 * policy_share).all(), (kept_share, policy_share)
 
 
 def test_uncentred_mse_misses_pi_star_but_gvpo_reaches_it(one_thread):

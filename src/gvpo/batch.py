@@ -22,11 +22,16 @@ from torch import Tensor
 from .logprobs import completion_token_logps, sequence_logps
 
 PER_COMPLETION = ("completion_ids", "texts", "sources", "rewards", "born_step", "offline_index", "action_mask",
-                  "prompt_ids", "episode")
+                  "prompt_ids", "episode", "policy_version", "sampler_token_logps", "ref_token_logps")
 """The ``Group`` fields that hold one value per completion, in step with each other."""
 DEFAULTS = {"rewards": None, "born_step": -1, "offline_index": None, "action_mask": None, "prompt_ids": None,
-            "episode": None}
+            "episode": None, "sampler_token_logps": None, "ref_token_logps": None}
 """What a per-completion field left empty at construction holds for every completion."""
+
+REFERENCE_VERSION = -1
+"""``policy_version`` of a completion sampled from the fixed reference."""
+OFFLINE_VERSION = -2
+"""``policy_version`` of a completion read from an offline dataset."""
 
 
 @dataclass
@@ -62,12 +67,23 @@ class Group:
     episode: list = field(default_factory=list)
     """Per completion: its :class:`gvpo.episodes.Episode` (the prompt it saw, its messages, its environment, what
     went wrong), which rewards read; ``None`` for a single-turn completion (the default)."""
+    policy_version: list = field(default_factory=list)
+    """Per completion: optimizer steps of the weights that sampled it (set under ``train.async_lag``, see
+    :mod:`gvpo.generation`); :data:`REFERENCE_VERSION` / :data:`OFFLINE_VERSION` for reference and offline
+    completions; None = sampled by the current weights and not recorded. No objective reads it."""
+    sampler_token_logps: list = field(default_factory=list)
+    """Per completion: ``(len,)`` token log-probs under the weights that sampled it, or None (GRPO's ratio under a lag)."""
+    ref_token_logps: list = field(default_factory=list)
+    """Per completion: ``(len,)`` fixed-reference token log-probs computed by the generator, or None."""
     truncated: int = 0
     """Completions generated for this prompt and then dropped because they hit ``rollout.max_new_tokens`` without
     EOS (``rollout.mask_truncated``): counted as generated, never trained."""
 
     def __post_init__(self):
         n = len(self.completion_ids)
+        if not self.policy_version and n:
+            marker = {"reference": REFERENCE_VERSION, "offline": OFFLINE_VERSION}
+            self.policy_version = [marker.get(source) for source in self.sources]
         for name in PER_COMPLETION:
             values = getattr(self, name)
             if not values and n and name in DEFAULTS:
@@ -120,6 +136,10 @@ class Batch:
     """Per row: where the completion came from (policy, reference, replay, offline)."""
     action_mask: Tensor | None = None
     """(N, C) 1 on the model's tokens: the loss tokens of every objective; ``None`` at construction = ``completion_mask``."""
+    policy_versions: list = field(default_factory=list)
+    """Per row: the completion's ``Group.policy_version`` (bookkeeping only: no objective reads it)."""
+    sampler_token_logps: Tensor | None = None
+    """(N, C) token log-probs under the weights that sampled each row, when every row has them (under a lag)."""
 
     def __post_init__(self):
         if self.action_mask is None:
@@ -157,7 +177,7 @@ def build_batch(groups: list[Group], tokenizer, device) -> Batch:
     ``prompt_ids`` (an episode's prompt as the engine consumed it) are used as they are; other prompts are
     tokenised from ``row["prompt"]``. ``action_mask`` is ``completion_mask`` unless a completion has its own.
     """
-    prompts, given, comps, actions, rs, gids, sources = [], [], [], [], [], [], []
+    prompts, given, comps, actions, rs, gids, sources, versions, sampled = [], [], [], [], [], [], [], [], []
     for group in groups:
         for i, (ids, r, src) in enumerate(zip(group.completion_ids, group.rewards, group.sources)):
             if r is None:
@@ -169,6 +189,8 @@ def build_batch(groups: list[Group], tokenizer, device) -> Batch:
             rs.append(r)
             gids.append(group.group_id)
             sources.append(src)
+            versions.append(group.policy_version[i])
+            sampled.append(group.sampler_token_logps[i])
     prompt_ids, prompt_mask = _prompt_tensors(tokenizer, prompts, given)
     pad = tokenizer.pad_token_id
     width = max(max((len(c) for c in comps), default=1), 1)
@@ -194,6 +216,8 @@ def build_batch(groups: list[Group], tokenizer, device) -> Batch:
         group_ids=torch.tensor(gids, dtype=torch.long, device=device),
         sources=sources,
         action_mask=action_mask,
+        policy_versions=versions,
+        sampler_token_logps=pad_token_values(sampled, width, device) if sampled and None not in sampled else None,
     )
 
 
@@ -213,6 +237,19 @@ def _prompt_tensors(tokenizer, prompts: list, given: list) -> tuple[Tensor, Tens
         for j, i in enumerate(todo):
             given[i] = enc["input_ids"][j][enc["attention_mask"][j].bool()].tolist()
     return left_pad(given, tokenizer.pad_token_id)
+
+
+def pad_token_values(values: list[Tensor], width: int, device) -> Tensor:
+    """``(N, width)``: row i holds ``values[i]`` (a ``(len_i,)`` tensor) followed by zeros, in their dtype.
+
+    >>> pad_token_values([torch.tensor([1., 2.]), torch.tensor([3.])], 3, "cpu")
+    tensor([[1., 2., 0.],
+            [3., 0., 0.]])
+    """
+    out = torch.zeros(len(values), width, dtype=values[0].dtype if values else torch.float32)
+    for i, v in enumerate(values):
+        out[i, : len(v)] = v
+    return out.to(device)
 
 
 def token_logps_for(model, batch: Batch, rows: slice, share_prompts: bool = True) -> Tensor:

@@ -144,6 +144,8 @@ class ObjectiveConfig:
     """GRPO: per-token loss aggregation, TRL's ``loss_type``: grpo = mean per sequence then over sequences (DeepSeekMath); dapo = mean over the step's tokens (TRL's default); bnpo = token mean per process, averaged over processes; dr_grpo = token sum / (N * max_new_tokens), the generation budget."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """GRPO: advantages (R - group mean) divided by the group's reward std (group), the whole step's (batch), or not at all (none, Dr.GRPO); unbiased std + 1e-4, as in TRL."""
+    importance_sampling: bool = True
+    """GRPO under ``train.async_lag``: the ratio's denominator is the sampler's log-probs (importance sampling, clipped, as TRL's async GRPO); false = the policy at the batch's first update (stale samples treated as on-policy). No effect without a lag."""
 
 
 @dataclass
@@ -190,6 +192,12 @@ class TrainConfig:
     """Most recent checkpoints kept on disk."""
     fsdp: bool = False
     """Shard the policy over the processes with torch's FSDP2 (``fully_shard`` per decoder layer, then the root) when accelerate has not: CPU processes under ``torchrun``, or plain multi-GPU. Under accelerate's own FSDP config it is already sharded; DeepSpeed refuses it. Needs full weights (no ``model.lora``), and the ``policy`` sampler or another that generates on every process at every step (docs/gpu.md)."""
+    async_lag: int = 0
+    """Asynchronous rollouts: step s trains on groups sampled with the weights from before step s-L's update, generated while earlier steps train, with no importance weights (GVPO, Corollary 3.2); 0 = synchronous. README "Asynchronous rollouts"."""
+    async_backend: Literal["process", "inprocess"] = "process"
+    """With ``async_lag``: generate in a separate process (overlaps training) or in this one from weight snapshots (no overlap; the exact reference)."""
+    async_threads: int = 0
+    """Torch threads of the generator process; 0 = half of this process's threads, the trainer keeping the rest."""
 
 
 @dataclass
@@ -314,7 +322,7 @@ NON_NEGATIVE = ("train.max_steps", "train.micro_batch_size", "train.eval_every",
                 "train.checkpoint_every", "train.keep_checkpoints", "rollout.max_new_tokens", "optim.warmup_steps",
                 "optim.weight_decay", "optim.max_grad_norm", "objective.ref_sync_steps", "task.reward_timeout_s",
                 "sampler.replay_capacity", "sampler.replay_max_age", "sampler.mixture_offline", "task.env_timeout_s",
-                "rollout.max_turns", "rollout.max_observation_tokens")
+                "rollout.max_turns", "rollout.max_observation_tokens", "train.async_lag", "train.async_threads")
 """Counts and limits where a negative value has no meaning (0 keeps its documented meaning, e.g. "all")."""
 
 

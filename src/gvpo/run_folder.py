@@ -31,11 +31,13 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "final")
 RESUMABLE = frozenset({
     "train.max_steps", "train.eval_every", "train.eval_n", "train.checkpoint_every", "train.keep_checkpoints",
     "train.micro_batch_size", "train.share_prompts", "train.fsdp", "model.gradient_checkpointing", "task.eval_tasks",
+    "train.async_backend", "train.async_threads",
     "task.reward_timeout_s", "rollout.vllm_gpu_memory_utilization", "output.dir", "output.name",
     "output.report_to", "output.plots", "output.progress",
 })
 """Keys that may differ from the saved config on ``--resume``: how long, how often to evaluate and save, how the
-update is split into micro-batches or shards (the same update; checkpoints reshard), and where and how results are shown. Everything else
+update is split into micro-batches or shards (the same update; checkpoints reshard), which generator backend makes
+the lagged groups (the same groups), and where and how results are shown. Everything else
 (model, task, rewards, sampling, objective, optimizer, seed, batch shape) defines the run and is refused."""
 
 

@@ -35,6 +35,7 @@ from .batch import Batch, Group, all_token_logps, build_batch
 from .config import ConfigError, RunConfig, flat_dict, save_config
 from .episodes import episode_metrics, load_environment_spec, reward_keywords, task_rewards, with_episodes
 from .evaluate import evaluate
+from .generation import lag_metrics, lagged, running
 from .interrupt import Interrupted, StopRequests, resume_hint
 from .logprobs import sequence_logps
 from .metrics import MetricsLog, plot_metrics, read_metrics, within_group_correlation
@@ -161,6 +162,8 @@ def setup(config: RunConfig, *, resume: str | Path | None = None, overwrite: boo
     sampler = create_sampler(config.sampler, engine=engine, reference=reference, tokenizer=tokenizer,
                              k=config.rollout.k, seed=cfg_train.seed, max_new_tokens=max_new_tokens,
                              cache_dir=Path(config.output.dir) / ".ref_cache")
+    sampler = lagged(config, sampler, task=task, engine=engine, model=model, reference=reference, tokenizer=tokenizer,
+                     world=world)  # train.async_lag: groups sampled L steps earlier, by a generator (gvpo.generation)
 
     state = {"step": 0, "samples": 0, "trained": 0, "optimizer_steps": 0, "skipped_steps": 0, "elapsed_s": 0.0,
              "processes": world}
@@ -197,7 +200,7 @@ def train(config: RunConfig, *, resume: str | Path | None = None, overwrite: boo
     replaces a finished or abandoned run in the same folder. SIGTERM/Ctrl-C end the run after a checkpoint
     with :class:`gvpo.interrupt.Interrupted` (see :mod:`gvpo.interrupt`)."""
     run = setup(config, resume=resume, overwrite=overwrite, allow_changes=allow_changes)
-    with run_folder.held(run.lock), StopRequests() as stop:
+    with run_folder.held(run.lock), StopRequests() as stop, running(run.sampler):
         try:
             run_loop(run, stop)
         except KeyboardInterrupt:  # a second signal (or Ctrl-C without handlers): no new checkpoint
@@ -278,7 +281,8 @@ def run_loop(run: Run, stop: StopRequests) -> None:
                "optimizer_steps": state["optimizer_steps"], **gather_stats(updates, accelerator),
                **({"truncated": int(totals[3].item())} if config.rollout.mask_truncated else {}),
                **episode_metrics(run.engine, scored, accelerator),
-               "reward_none": int(totals[1].item()), "lr": run.scheduler.get_last_lr()[0], "time_s": state["elapsed_s"]}
+               "reward_none": int(totals[1].item()), "lr": run.scheduler.get_last_lr()[0], "time_s": state["elapsed_s"],
+               **lag_metrics(run.sampler)}
 
         # 6. evaluate, log, checkpoint
         end_step(run, row, bar)

@@ -25,6 +25,13 @@ away from the reference, even at the first update on a batch; ``False`` is the p
 ``train.updates_per_batch=1``, ``r = 1`` in value but its gradient is still the policy gradient
 ``-A_i * grad logp_it``. With ``kl_coef == 0`` no reference log-probs are needed.
 
+Under ``train.async_lag`` (:mod:`gvpo.generation`) the completions come from older weights. With
+``importance_sampling`` (the default, ``objective.importance_sampling``) ``old`` is then the log-probs of
+the weights that sampled each completion (``Batch.sampler_token_logps``), so ``r`` is the importance
+ratio to the sampler, clipped as above: what TRL's ``AsyncGRPOTrainer`` does with its sampler's
+log-probs. ``False`` keeps ``old`` = the policy at the batch's first update: stale samples treated as
+on-policy, no correction. Without a lag both are the same.
+
 Aggregation of ``l`` over the ``N`` completions (``m_it`` = the loss mask, a batch's ``action_mask``: 1 on
 the model's tokens, 0 on an episode's observations and on padding, TRL's ``completion_mask * tool_mask``;
 ``|y_i| = sum_t m_it`` counts the model's tokens only), named as TRL's ``loss_type``:
@@ -303,7 +310,7 @@ class GRPOObjective:
     """Trainer-facing GRPO (``objective.name=grpo``): token-level clipped surrogate and k3 penalty.
 
     Reads ``clip_epsilon``, ``epsilon_high``, ``kl_coef``, ``use_bias_correction_kl``,
-    ``loss_aggregation`` and ``scale_rewards`` from an ``ObjectiveConfig``. ``max_completion_length``
+    ``loss_aggregation``, ``scale_rewards`` and ``importance_sampling`` from an ``ObjectiveConfig``. ``max_completion_length``
     is ``L`` of the ``dr_grpo`` aggregation (the generation budget), required for it.
     """
 
@@ -316,6 +323,7 @@ class GRPOObjective:
         self.use_bias_correction_kl = bool(config.use_bias_correction_kl)
         self.aggregation = config.loss_aggregation
         self.scale_rewards = config.scale_rewards
+        self.importance_sampling = bool(config.importance_sampling)
         for key, value, choices in (("loss_aggregation", self.aggregation, AGGREGATIONS),
                                     ("scale_rewards", self.scale_rewards, SCALE_REWARDS)):
             if value not in choices:
@@ -330,15 +338,22 @@ class GRPOObjective:
 
     def _terms(self, token_logps: Tensor, batch: Batch, rows: slice, advantages: Tensor) -> GRPOTerms:
         ref = batch.ref_token_logps[rows] if batch.ref_token_logps is not None else None
-        if batch.old_token_logps is None:
+        old = self.old_token_logps(batch)
+        if old is None:
             raise ValueError("batch.old_token_logps is missing: the trainer sets it at the first update of a batch")
         if self.kl_coef > 0 and ref is None:
             raise ValueError(f"objective.kl_coef={self.kl_coef} needs reference log-probs; set kl_coef=0 to train without")
-        return grpo_token_terms(token_logps, batch.old_token_logps[rows].to(token_logps.device),
+        return grpo_token_terms(token_logps, old[rows].to(token_logps.device),
                                 None if ref is None else ref.to(token_logps.device), advantages,
                                 batch.action_mask[rows].to(token_logps.device),
                                 epsilon=self.epsilon, epsilon_high=self.epsilon_high, kl_coef=self.kl_coef,
                                 use_bias_correction_kl=self.use_bias_correction_kl)
+
+    def old_token_logps(self, batch: Batch) -> Tensor | None:
+        """The ratio's denominator: the sampler's log-probs under a lag with ``importance_sampling``, else pi_old."""
+        if self.importance_sampling and batch.sampler_token_logps is not None:
+            return batch.sampler_token_logps
+        return batch.old_token_logps
 
     def prepare(self, batch: Batch, token_logps: Tensor) -> GRPOPrepared:
         """Advantages and aggregation scales of the whole batch; loss value at the current policy."""
