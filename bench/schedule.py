@@ -258,6 +258,35 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def paired(results: list[dict], keys: list, baseline: str = "gvpo") -> list[dict]:
+    """Per ``(objective, mini_batches, lr)`` of ``keys``, ``objective - baseline`` final accuracy and KL, paired by
+    seed (same prompts, same held-out set): mean ± s.e. over the seeds where both runs are stable."""
+    by_key = {(r["objective"], r["mini_batches"], r["lr"], r["seed"]): r for r in results if not r["unstable"]}
+    out = []
+    for name, mb, lr in keys:
+        if name == baseline:
+            continue
+        pairs = [(by_key[(name, mb, lr, seed)], base) for (b, m, l, seed), base in by_key.items()
+                 if (b, m, l) == (baseline, mb, lr) and (name, mb, lr, seed) in by_key]
+        if pairs:
+            acc, acc_se = _mean_se([a["accuracy_final"] - b["accuracy_final"] for a, b in pairs])
+            kl, kl_se = _mean_se([a["kl_to_initial"] - b["kl_to_initial"] for a, b in pairs
+                                  if a["kl_to_initial"] is not None and b["kl_to_initial"] is not None])
+            out.append({"objective": name, "mini_batches": mb, "lr": lr, "seeds": len(pairs), "accuracy_diff": acc,
+                        "accuracy_diff_se": acc_se, "kl_diff": kl, "kl_diff_se": kl_se})
+    return out
+
+
+def paired_table(rows: list[dict], baseline: str = "gvpo") -> str:
+    lines = [f"| objective − {baseline} | mini-batches | lr | seeds | acc. final difference (mean ± s.e.) "
+             "| KL difference (mean ± s.e.) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['objective']} | {r['mini_batches']} | {r['lr']:g} | {r['seeds']} "
+                     f"| {_f(r['accuracy_diff'], '+.3f')} ± {_f(r['accuracy_diff_se'])} "
+                     f"| {_f(r['kl_diff'], '+.3f')} ± {_f(r['kl_diff_se'])} |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: Path, title: str = "rollout reference: 1 vs 4 optimizer steps per rollout batch",
          results: list[dict] = ()) -> None:
     """Bars: mean ± s.e. per objective and setting; dots: the single runs of ``results`` (stable ones)."""
@@ -301,7 +330,8 @@ def main(argv=None) -> None:
         run_all(args)
     results = load_records(args.output_dir)
     rows = summarize(results, [(label, mb, lr) for label, _, _, mb, lr in cells(args)])
-    text = table(rows)
+    text = table(rows) + "\n\nPaired by seed:\n\n" + paired_table(
+        paired(results, [(r["objective"], r["mini_batches"], r["lr"]) for r in rows]))
     print(text)
     out = args.output_dir
     (out / "schedule.md").write_text(text + "\n")

@@ -89,3 +89,15 @@ def test_kl_to_initial_is_zero_for_the_initial_model(schedule, model_dir, tmp_pa
     shutil.copytree(model_dir, tmp_path / "run" / "final")
     config = load_config(None, {"model.name_or_path": str(model_dir), "task.name": "tiny.tiny_add"})
     assert schedule.kl_to_initial(tmp_path / "run", config, n=5, seed=0) == 0.0
+
+
+def test_paired_differences_match_seeds(schedule):
+    """Hand-worked: seed 0: grpo 0.9 - gvpo 0.45 = 0.45, seed 1: 0.75 - 0.5 = 0.25 -> 0.35 ± 0.1 (stdev 0.1414 / sqrt 2);
+    seed 2 has no grpo run and is left out. KL: 1 - 3 = -2 and 2 - 3 = -1 -> -1.5 ± 0.5."""
+    records = [_record("gvpo", 3e-4, 0, 0.45, 3.0), _record("gvpo", 3e-4, 1, 0.5, 3.0), _record("gvpo", 3e-4, 2, 0.9, 1.0),
+               _record("grpo", 3e-4, 0, 0.9, 1.0), _record("grpo", 3e-4, 1, 0.75, 2.0)]
+    (row,) = schedule.paired(records, [("gvpo", 4, 3e-4), ("grpo", 4, 3e-4)])
+    assert (row["objective"], row["seeds"]) == ("grpo", 2)
+    assert row["accuracy_diff"] == pytest.approx(0.35) and row["accuracy_diff_se"] == pytest.approx(0.1)
+    assert row["kl_diff"] == pytest.approx(-1.5) and row["kl_diff_se"] == pytest.approx(0.5)
+    assert "| grpo | 4 | 0.0003 | 2 | +0.350 ± 0.100 | -1.500 ± 0.500 |" in schedule.paired_table([row])
