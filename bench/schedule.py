@@ -12,7 +12,8 @@ mini_batches x learning rate x seed it trains the embedded arithmetic model and 
 - the KL of the final policy to the initial one, ``E_{y ~ pi_final} [log pi_final(y|x) - log pi_init(y|x)]``,
   estimated on ``--kl-prompts`` held-out prompts with one sampled completion each (the trainer's ``kl``
   metric is to the rollout policy here, which says nothing about drift),
-- unstable runs: non-finite loss, or final accuracy below the start minus ``--collapse-margin``.
+- unstable runs: non-finite loss (no final accuracy: left out of the means), or final accuracy below the start
+  minus ``--collapse-margin`` (collapsed: counted in the means, which then show the collapse).
 
 Objectives (all with ``reference: rollout``):
 
@@ -212,8 +213,14 @@ def run_all(args) -> None:
 
 
 def load_records(output_dir: Path) -> list[dict]:
-    """Every finished run's record under ``output_dir/runs``."""
-    return [json.loads(f.read_text()) for f in sorted((Path(output_dir) / "runs").glob("*/schedule_run.json"))]
+    """Every finished run's record under ``output_dir/runs``, with its training reward per step (``reward_curve``,
+    from the run's ``metrics.jsonl``)."""
+    records = []
+    for f in sorted((Path(output_dir) / "runs").glob("*/schedule_run.json")):
+        metrics = f.parent / "metrics.jsonl"
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+        records.append({**json.loads(f.read_text()), "reward_curve": [r[REWARD] for r in rows if REWARD in r]})
+    return records
 
 
 def _mean_se(values):
@@ -231,14 +238,14 @@ def summarize(results: list[dict], order: list | None = None) -> list[dict]:
         runs = [r for r in results if (r["objective"], r["mini_batches"], r["lr"]) == key]
         if not runs:
             continue
-        stable = [r for r in runs if not r["unstable"]]
-        acc, acc_se = _mean_se([r["accuracy_final"] for r in stable])
-        kl, kl_se = _mean_se([r["kl_to_initial"] for r in stable])
+        finished = [r for r in runs if not r.get("error")]  # collapsed runs count; diverged ones have no final model
+        acc, acc_se = _mean_se([r["accuracy_final"] for r in finished])
+        kl, kl_se = _mean_se([r["kl_to_initial"] for r in finished])
         rows.append({"objective": key[0], "beta": runs[0].get("beta"), "mini_batches": key[1], "lr": key[2],
                      "runs": len(runs), "unstable": sum(r["unstable"] for r in runs),
                      "accuracy_start": _mean_se([r["accuracy_start"] for r in runs])[0],
                      "accuracy_final": acc, "accuracy_final_se": acc_se, "kl_to_initial": kl, "kl_to_initial_se": kl_se,
-                     "completion_len_final": _mean_se([r.get("completion_len_final") for r in stable])[0]})
+                     "completion_len_final": _mean_se([r.get("completion_len_final") for r in finished])[0]})
     return rows
 
 
@@ -247,7 +254,7 @@ def _f(v, fmt=".3f"):
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| objective | beta | mini-batches | lr | runs | unstable | acc. start | acc. final (stable runs, mean ± s.e.) "
+    lines = ["| objective | beta | mini-batches | lr | runs | unstable | acc. start | acc. final (mean ± s.e.) "
              "| KL to initial (mean ± s.e.) | final completion length |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         beta = "–" if r.get("beta") is None else f"{r['beta']:g}"
@@ -260,8 +267,8 @@ def table(rows: list[dict]) -> str:
 
 def paired(results: list[dict], keys: list, baseline: str = "gvpo") -> list[dict]:
     """Per ``(objective, mini_batches, lr)`` of ``keys``, ``objective - baseline`` final accuracy and KL, paired by
-    seed (same prompts, same held-out set): mean ± s.e. over the seeds where both runs are stable."""
-    by_key = {(r["objective"], r["mini_batches"], r["lr"], r["seed"]): r for r in results if not r["unstable"]}
+    seed (same prompts, same held-out set): mean ± s.e. over the seeds where both runs finished (not diverged)."""
+    by_key = {(r["objective"], r["mini_batches"], r["lr"], r["seed"]): r for r in results if not r.get("error")}
     out = []
     for name, mb, lr in keys:
         if name == baseline:
@@ -289,13 +296,13 @@ def paired_table(rows: list[dict], baseline: str = "gvpo") -> str:
 
 def plot(rows: list[dict], path: Path, title: str = "rollout reference: 1 vs 4 optimizer steps per rollout batch",
          results: list[dict] = ()) -> None:
-    """Bars: mean ± s.e. per objective and setting; dots: the single runs of ``results`` (stable ones)."""
+    """Bars: mean ± s.e. per objective and setting; dots: the single runs of ``results``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     settings = list(dict.fromkeys((r["mini_batches"], r["lr"]) for r in rows))
     names = list(dict.fromkeys(r["objective"] for r in rows))
     width = 0.8 / max(len(names), 1)
@@ -310,7 +317,7 @@ def plot(rows: list[dict], path: Path, title: str = "rollout reference: 1 vs 4 o
                           capsize=2, alpha=0.8)
             for i, s in enumerate(settings):
                 dots = [r[key] for r in results if r["objective"] == name and (r["mini_batches"], r["lr"]) == s
-                        and not r["unstable"] and r[key] is not None]
+                        and r[key] is not None]
                 ax.plot([i + j * width] * len(dots), dots, "o", color="black", markersize=2.5,
                         markerfacecolor=bars.patches[0].get_facecolor())
         ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(settings))])
@@ -321,7 +328,28 @@ def plot(rows: list[dict], path: Path, title: str = "rollout reference: 1 vs 4 o
     if start:
         axes[0].axhline(statistics.fmean(start), color="grey", linestyle="--", linewidth=1, label="start")
     axes[0].legend(fontsize=8)
+    _reward_curves(axes[2], results, names)
     _models.save_figure(fig, path, title)
+
+
+def _reward_curves(ax, results: list[dict], names: list[str]) -> None:
+    """Mean training reward (sampled completions) per rollout step, one line per objective (colours as the bars,
+    ``names`` order) and lr (line style)."""
+    styles = ["-", "--", ":", "-."]
+    lrs = sorted({r["lr"] for r in results})
+    for j, name in enumerate(names):
+        for lr in lrs:
+            curves = [r["reward_curve"] for r in results if r["objective"] == name and r["lr"] == lr
+                      and r.get("reward_curve")]
+            if curves:
+                n = min(len(c) for c in curves)
+                ax.plot(range(1, n + 1), [statistics.fmean(c[i] for c in curves) for i in range(n)],
+                        styles[lrs.index(lr) % len(styles)], color=f"C{j}", label=f"{name}, lr {lr:g}")
+    ax.set_xlabel("rollout step")
+    ax.set_title("training reward (mean over seeds)")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7)
 
 
 def main(argv=None) -> None:

@@ -24,25 +24,28 @@ def schedule():
     return tiny.load_script("bench/schedule.py")
 
 
-def _record(objective, lr, seed, final, kl, unstable=False, beta=None):
+def _record(objective, lr, seed, final, kl, unstable=False, beta=None, error=None):
     return {"objective": objective, "beta": beta, "mini_batches": 4, "lr": lr, "seed": seed, "accuracy_start": 0.2,
-            "accuracy_final": final, "kl_to_initial": kl, "completion_len_final": 10.0, "unstable": unstable}
+            "accuracy_final": final, "kl_to_initial": kl, "completion_len_final": 10.0, "unstable": unstable,
+            "error": error}
 
 
-def test_summarize_gives_mean_and_standard_error_of_the_stable_runs(schedule):
-    """Hand-worked: finals 0.4, 0.6 -> mean 0.5, s.e. = stdev / sqrt(2) = 0.1414 / 1.414 = 0.1; the unstable
-    run (final 0.0) counts in ``runs`` and ``unstable`` only. KLs 1 and 3: 2 ± 1."""
+def test_summarize_gives_mean_and_standard_error_of_the_finished_runs(schedule):
+    """Hand-worked: finals 0.4, 0.6 and a collapsed 0.2 -> mean 0.4, stdev 0.2, s.e. 0.2 / sqrt(3) = 0.1155; KLs 1, 3,
+    5 -> 3 ± 2 / sqrt(3) = 1.1547. The diverged run (no final model) counts in ``runs`` and ``unstable`` only."""
     records = [_record("gvpo", 1e-4, 0, 0.4, 1.0, beta=0.1), _record("gvpo", 1e-4, 1, 0.6, 3.0, beta=0.1),
-               _record("gvpo", 1e-4, 2, 0.0, 9.0, unstable=True, beta=0.1), _record("grpo", 3e-5, 0, 0.5, 0.5)]
+               _record("gvpo", 1e-4, 2, 0.2, 5.0, unstable=True, beta=0.1),
+               _record("gvpo", 1e-4, 3, None, None, unstable=True, beta=0.1, error="non-finite: nan"),
+               _record("grpo", 3e-5, 0, 0.5, 0.5)]
     rows = schedule.summarize(records, order=[("grpo", 4, 3e-5), ("dr_grpo", 4, 3e-5)])
     assert [(r["objective"], r["lr"]) for r in rows] == [("grpo", 3e-5), ("gvpo", 1e-4)]  # order first, no empty rows
     gvpo = rows[1]
-    assert (gvpo["runs"], gvpo["unstable"], gvpo["beta"]) == (3, 1, 0.1)
-    assert gvpo["accuracy_final"] == pytest.approx(0.5) and gvpo["accuracy_final_se"] == pytest.approx(0.1)
-    assert gvpo["kl_to_initial"] == pytest.approx(2.0) and gvpo["kl_to_initial_se"] == pytest.approx(1.0)
-    assert statistics.stdev([0.4, 0.6]) / math.sqrt(2) == pytest.approx(0.1)
+    assert (gvpo["runs"], gvpo["unstable"], gvpo["beta"]) == (4, 2, 0.1)
+    assert gvpo["accuracy_final"] == pytest.approx(0.4) and gvpo["accuracy_final_se"] == pytest.approx(0.2 / math.sqrt(3))
+    assert gvpo["kl_to_initial"] == pytest.approx(3.0) and gvpo["kl_to_initial_se"] == pytest.approx(2 / math.sqrt(3))
+    assert statistics.stdev([0.4, 0.6, 0.2]) == pytest.approx(0.2)
     text = schedule.table(rows)
-    assert "| gvpo | 0.1 | 4 | 0.0001 | 3 | 1 | 0.200 | 0.500 ± 0.100 | 2.0000 ± 1.0000 | 10.0 |" in text
+    assert "| gvpo | 0.1 | 4 | 0.0001 | 4 | 2 | 0.200 | 0.400 ± 0.115 | 3.0000 ± 1.1547 | 10.0 |" in text
     assert "| grpo | – | 4 | 3e-05 | 1 | 0 | 0.200 | 0.500 ± 0.000 | 0.5000 ± 0.0000 | 10.0 |" in text
 
 
@@ -93,9 +96,10 @@ def test_kl_to_initial_is_zero_for_the_initial_model(schedule, model_dir, tmp_pa
 
 def test_paired_differences_match_seeds(schedule):
     """Hand-worked: seed 0: grpo 0.9 - gvpo 0.45 = 0.45, seed 1: 0.75 - 0.5 = 0.25 -> 0.35 ± 0.1 (stdev 0.1414 / sqrt 2);
-    seed 2 has no grpo run and is left out. KL: 1 - 3 = -2 and 2 - 3 = -1 -> -1.5 ± 0.5."""
+    seed 2 has no grpo run, seed 3's grpo run diverged: both left out. KL: 1 - 3 = -2 and 2 - 3 = -1 -> -1.5 ± 0.5."""
     records = [_record("gvpo", 3e-4, 0, 0.45, 3.0), _record("gvpo", 3e-4, 1, 0.5, 3.0), _record("gvpo", 3e-4, 2, 0.9, 1.0),
-               _record("grpo", 3e-4, 0, 0.9, 1.0), _record("grpo", 3e-4, 1, 0.75, 2.0)]
+               _record("gvpo", 3e-4, 3, 0.9, 1.0), _record("grpo", 3e-4, 0, 0.9, 1.0), _record("grpo", 3e-4, 1, 0.75, 2.0),
+               _record("grpo", 3e-4, 3, None, None, unstable=True, error="non-finite: inf")]
     (row,) = schedule.paired(records, [("gvpo", 4, 3e-4), ("grpo", 4, 3e-4)])
     assert (row["objective"], row["seeds"]) == ("grpo", 2)
     assert row["accuracy_diff"] == pytest.approx(0.35) and row["accuracy_diff_se"] == pytest.approx(0.1)
