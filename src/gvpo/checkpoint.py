@@ -44,13 +44,15 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from . import checkpoint_manifest as manifest
+from .models import save_pretrained
 from .run_folder import share_like_umask
+from .write_errors import RunWriteError, reason, writing
 
 SHARDS = "shards"
 DEEPSPEED = "deepspeed"
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(RunWriteError):
     """A checkpoint could not be written (disk full, read-only, ...); the previous one is untouched."""
 
 
@@ -149,6 +151,8 @@ def _fresh_folder(path: Path) -> None:
 def _attempt(write) -> Exception | None:
     try:
         write()
+    except dcp.api.CheckpointException as err:  # a BaseException: the first failing process's own error inside
+        return next(iter(err.failures.values()))[0] if err.failures else RuntimeError(str(err))
     except Exception as err:  # reported on every process by _raise_if_any
         return err
     return None
@@ -165,14 +169,23 @@ def _raise_if_any(accelerator, error: Exception | None, ckpt_dir: Path, tmp: Pat
         shutil.rmtree(tmp, ignore_errors=True)
     last, _ = manifest.newest_intact(ckpt_dir, hashes=False)
     kept = f"the last intact checkpoint {last} is kept" if last else "no earlier checkpoint exists"
-    what = _reason(error) if error is not None else "another process failed to write its part"
-    raise CheckpointWriteError(f"could not write checkpoint {tmp}: {what}; {kept}") from error
+    what = reason(error) if error is not None else "another process failed to write its part"
+    raise CheckpointWriteError(f"could not write checkpoint {tmp}: {what}; {kept}; resume with: gvpo train "
+                               f"--resume {ckpt_dir.parent}") from error
 
 
-def _reason(err: Exception) -> str:
-    if isinstance(err, OSError) and err.strerror:
-        return f"{err.strerror}" + (f" ({err.filename})" if err.filename else "")
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
+def save_final(model, tokenizer, run_dir: Path, state_dict: dict | None = None) -> Path:
+    """``run_dir/final``: the weights as a plain transformers folder (:func:`gvpo.models.save_pretrained`),
+    written as ``.tmp-final`` and renamed, so it is whole or absent. A failed write removes the temporary
+    folder and raises :class:`gvpo.write_errors.RunWriteError` naming the last intact checkpoint."""
+    final, tmp = run_dir / "final", run_dir / ".tmp-final"
+    with writing(f"the final weights {final}", run_dir, partial=tmp):
+        _fresh_folder(tmp)
+        save_pretrained(model, tokenizer, tmp, state_dict=state_dict)
+        share_like_umask(tmp)  # safetensors writes 0600
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    return final
 
 
 def rotate(ckpt_dir: Path, keep: int) -> None:

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .yaml_input import tensorboard_key, yaml_load
 
 class ConfigError(ValueError):
     """A config key or value is not valid; the message names the key and what is allowed."""
@@ -183,7 +184,7 @@ class OutputConfig:
     name: str = ""
     """Run folder name under ``dir``; empty = ``<task>-<objective>-<date>-<time>``."""
     report_to: list = field(default_factory=lambda: ["tensorboard"])
-    """Experiment trackers, through accelerate: any of tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, trackio (each needs its package; set its offline mode, e.g. ``WANDB_MODE=offline``, without a network); ``[]`` or ``none`` = only ``metrics.jsonl``."""
+    """Experiment trackers, through accelerate: any of tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, trackio (each needs its package; set its offline mode, e.g. ``WANDB_MODE=offline``, without a network); ``[]`` or ``none`` = only ``metrics.jsonl``. Replaces ``output.tensorboard``, still accepted (true/false) with a warning until the next release."""
     plots: bool = True
     """Write ``plots.png`` (reward, accuracy, KL, implicit/actual reward correlation)."""
     progress: bool = True
@@ -285,6 +286,8 @@ def _set(config: RunConfig, key: str, value: Any) -> None:
             _set(config, f"{key}.{sub}", v)
         return
     names = [f.name for f in dataclasses.fields(section)]
+    if key == "output.tensorboard":  # renamed to output.report_to: accepted, with a warning, for one release
+        return tensorboard_key(section, _coerce(key, value, bool))
     if parts[1] == "options" and parts[0] == "task" and len(parts) > 2:  # task.options.path=...
         section.options[".".join(parts[2:])] = value
         return
@@ -368,7 +371,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key=value, e.g. objective.beta=0.05")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip(), yaml_load(raw, f"override {text!r}", ConfigError) if raw.strip() else ""
 
 
 def _field_type(key: str) -> Any:
@@ -387,12 +390,11 @@ def override_item(text: str) -> tuple[str, Any]:
     >>> override_item("output.name=007"), override_item("train.max_steps=007")
     (('output.name', '007'), ('train.max_steps', 7))
     """
-    key, value = parse_override(text)
-    raw = text.split("=", 1)[1].strip()
+    key, equals, raw = (part.strip() for part in text.partition("="))
     quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
-    if _field_type(key) is str and not quoted:
-        return key, raw
-    return key, value
+    if equals and _field_type(key) is str and not quoted:
+        return key, raw  # never parsed: "output.name={x" is a name, not broken YAML
+    return parse_override(text)
 
 
 def load_config(path: str | Path | None = None, overrides: list | dict | None = None) -> RunConfig:
@@ -400,8 +402,7 @@ def load_config(path: str | Path | None = None, overrides: list | dict | None = 
     :func:`override_item`), ``(key, value)`` pairs, or a dict."""
     config = RunConfig()
     if path:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+        data = yaml_load(Path(path).read_text(encoding="utf-8"), str(path), ConfigError) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model, task, ...), got {type(data).__name__}")
         for key, value in data.items():
