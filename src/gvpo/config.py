@@ -110,7 +110,7 @@ class SamplerConfig:
 @dataclass
 class ObjectiveConfig:
     name: str = "gvpo"
-    """Objective: gvpo; grpo (PPO-clipped, as TRL/DeepSeekMath run it); the paper's Eq. 9 family members dr_grpo (centred rewards, sequence-level: not the Dr. GRPO recipe), rs, sft, dpo; or a dotted path to an objective factory (see ``gvpo.objectives.base``)."""
+    """Objective: gvpo; grpo (PPO-clipped, as TRL/DeepSeekMath run it); gspo (grpo with importance_sampling_level=sequence); the paper's Eq. 9 family members dr_grpo (centred rewards, sequence-level: not the Dr. GRPO recipe), rs, sft, dpo; or a dotted path to an objective factory (see ``gvpo.objectives.base``)."""
     beta: float = 0.1
     """KL strength beta of Eq. 5; implicit reward = beta * log(pi_theta / pi_ref)."""
     reference: Literal["fixed", "rollout"] = "fixed"
@@ -126,9 +126,11 @@ class ObjectiveConfig:
     use_bias_correction_kl: bool = True
     """GRPO: multiply the k3 penalty by the importance ratio to pi_old, so its gradient is the unbiased reverse-KL gradient (TRL's default); false = plain k3."""
     loss_aggregation: Literal["grpo", "dapo", "bnpo", "dr_grpo"] = "grpo"
-    """GRPO: per-token loss aggregation, TRL's ``loss_type``: grpo = mean per sequence then over sequences (DeepSeekMath); dapo = mean over the step's tokens (TRL's default); bnpo = token mean per process, averaged over processes; dr_grpo = token sum / (N * max_new_tokens), the generation budget."""
+    """GRPO: per-token loss aggregation, TRL's ``loss_type``: grpo = mean per sequence then over sequences (DeepSeekMath); dapo = mean over the step's tokens (TRL's default); bnpo = token mean per process, averaged over processes (TRL's bnpo divides each micro-batch by its own tokens: the same only with one micro-batch per process and optimizer step); dr_grpo = token sum / (N * max_new_tokens), the generation budget."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """GRPO: advantages (R - group mean) divided by the group's reward std (group), the whole step's (batch), or not at all (none, Dr.GRPO); unbiased std + 1e-4, as in TRL."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """GRPO: importance ratio to pi_old per token, or one per completion: exp of its mean token log-ratio (sequence = GSPO, TRL's option of this name). GSPO's paper pairs it with loss_aggregation=grpo and clip_epsilon=3e-4, epsilon_high=4e-4."""
 
 
 @dataclass
@@ -312,7 +314,7 @@ def validate(config: RunConfig) -> RunConfig:
     for key, v in positive.items():
         if v < 1:
             raise ConfigError(f"{key} must be >= 1, got {v}")
-    if config.rollout.k < 2 and config.objective.name in ("gvpo", "grpo", "dr_grpo"):
+    if config.rollout.k < 2 and config.objective.name in ("gvpo", "grpo", "gspo", "dr_grpo"):
         raise ConfigError(f"rollout.k must be >= 2 for objective {config.objective.name!r} (groups need variance)")
     if config.objective.beta <= 0:
         raise ConfigError(f"objective.beta must be > 0, got {config.objective.beta}")
