@@ -50,6 +50,11 @@ from .write_errors import RunWriteError, reason, writing
 
 SHARDS = "shards"
 DEEPSPEED = "deepspeed"
+FILE_BYTES = 64 * 2**20
+"""Tensor bytes per checkpoint file (a larger tensor gets a file of its own). ``torch.distributed.checkpoint``'s
+safetensors writer serializes a whole file in memory before writing it (about twice its size, briefly), so the
+files are kept small: in one file, the 33.6M-parameter model's weights and AdamW state (403 MB) raised the run's
+peak RSS by 635 MiB at the final checkpoint (bench/README.md, "Peak memory")."""
 
 
 class CheckpointWriteError(RunWriteError):
@@ -85,6 +90,41 @@ def _tensor_state(policy, optimizer) -> tuple[dict, list]:
     return {"model": weights, "optim": optim["state"]}, optim["param_groups"]
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """The tensors of a nested dict under dotted keys (``optim.<parameter>.exp_avg``), the keys
+    ``torch.distributed.checkpoint`` gives them itself; the same tensor objects, so a load fills ``tree``.
+
+    >>> _flat({"model": {"w": 1}, "optim": {"w": {"step": 2, "exp_avg": 3}}})
+    {'model.w': 1, 'optim.w.step': 2, 'optim.w.exp_avg': 3}
+    """
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _file_numbers(flat: dict, limit: int | None = None) -> dict[str, int]:
+    """Each entry's checkpoint file, 1, 2, ...: consecutive tensors share a file up to ``limit`` bytes
+    (default :data:`FILE_BYTES`). Sizes are global (a DTensor's ``numel`` is the whole tensor's), so every
+    process numbers the files alike.
+
+    >>> import torch
+    >>> _file_numbers({"a": torch.zeros(4), "b": torch.zeros(4), "c": torch.zeros(8), "d": torch.zeros(1)}, limit=32)
+    {'a': 1, 'b': 1, 'c': 2, 'd': 3}
+    """
+    limit = FILE_BYTES if limit is None else limit
+    numbers, number, used = {}, 1, 0
+    for key, value in flat.items():
+        size = value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+        if used and used + size > limit:
+            number, used = number + 1, 0
+        numbers[key], used = number, used + size
+    return numbers
+
+
 SINGLE_PROCESS_WARNING = ".*torch.distributed is disabled, unavailable or uninitialized.*"
 """What torch.distributed.checkpoint warns on every call without a process group (one process: intended)."""
 
@@ -113,10 +153,12 @@ def save_checkpoint(ckpt_dir: Path, step: int, *, accelerator, policy, optimizer
         else:
             tensors, groups = _tensor_state(policy, optimizer)
             param_groups.append(groups)
+            flat = _flat(tensors)
+            writer = dcp.HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True,
+                                                  fqn_to_index_mapping=_file_numbers(flat))
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
-                dcp.save(tensors,
-                         storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True))
+                dcp.save(flat, storage_writer=writer)
         torch.save(rng_state(), tmp / f"rng-{rank}.pt")
         (tmp / f"sampler-{rank}.json").write_text(json.dumps(sampler_state or {}))
         _fsync_files(tmp, [f"rng-{rank}.pt", f"sampler-{rank}.json"])
@@ -242,7 +284,7 @@ def load_checkpoint(path: Path, *, accelerator, policy, optimizer, scheduler, re
         tensors, _ = _tensor_state(policy, optimizer)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
-            dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(path / SHARDS)))
+            dcp.load(_flat(tensors), storage_reader=dcp.HuggingFaceStorageReader(str(path / SHARDS)))
         model = extract_model_from_parallel(policy)
         set_model_state_dict(model, tensors["model"], options=StateDictOptions(strict=False))
         set_optimizer_state_dict(model, _torch_optimizer(optimizer),
