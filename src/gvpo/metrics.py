@@ -57,12 +57,14 @@ class MetricsLog:
         again (a resume then reads whole rows) and raises :class:`gvpo.write_errors.RunWriteError`."""
         row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         size = self.path.stat().st_size if self.path.exists() else 0
-        try:
-            with writing(str(self.path), self.path.parent), open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-        finally:
-            if self.path.exists() and self.path.stat().st_size > size and not self.path.read_bytes().endswith(b"\n"):
-                os.truncate(self.path, size)
+        with writing(str(self.path), self.path.parent):
+            try:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+            except WRITE_ERRORS:
+                if self.path.exists():
+                    os.truncate(self.path, size)  # a half-appended row would break the next resume's reading
+                raise
         if self.accelerator is not None:
             numbers = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
             with writing("the tracker logs (output.report_to)", self.path.parent):
