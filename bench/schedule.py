@@ -22,6 +22,9 @@ Objectives (all with ``reference: rollout``):
   (token sum / generation budget), ``scale_rewards=none``, clip 0.2, no KL term.
 - ``grpo``: GRPO as TRL runs it by default: standardised advantages, clip 0.2, ``loss_aggregation=dapo``,
   no KL term (``kl_coef=0``, TRL's default ``beta=0``).
+- ``gspo`` (not in the default list; ``--objectives gvpo,dr_grpo,grpo,gspo``): GSPO as its paper and TRL's
+  docs run it: ``objective.name=gspo`` (one importance ratio per completion), ``loss_aggregation=grpo``,
+  clip 3e-4 / 4e-4, no KL term.
 
 ``--betas 0.1,0.5`` runs GVPO once per beta (the first at every lr, the others at ``--beta-lrs``, default all).
 Any model and task go through the overrides, e.g. SmolLM2-135M-Instruct on ``chat_arithmetic`` (issue 19)::
@@ -66,6 +69,8 @@ OBJECTIVES = {
                 "objective.kl_coef": 0.0},
     "grpo": {"objective.name": "grpo", "objective.loss_aggregation": "dapo", "objective.scale_rewards": "group",
              "objective.kl_coef": 0.0},
+    "gspo": {"objective.name": "gspo", "objective.loss_aggregation": "grpo", "objective.scale_rewards": "group",
+             "objective.clip_epsilon": 3e-4, "objective.epsilon_high": 4e-4, "objective.kl_coef": 0.0},
 }
 
 

@@ -55,3 +55,37 @@ def test_string_fields_take_override_text_as_written():
     assert (config.output.name, config.output.dir, config.sampler.offline_path) == ("007", "exp #1", "a b.jsonl")
     assert config.train.max_steps == 7 and config.task.rewards == ["a", "b"]
     assert load_config(None, [("output.name", "x y")]).output.name == "x y"  # (key, value) pairs pass as they are
+
+
+def test_a_malformed_config_file_is_one_config_error_with_file_line_and_column(tmp_path):
+    """The issue's file: an unclosed flow mapping on line 1 (column 8), so the parser meets ``beta:`` on line 2
+    while it still expects ``,`` or ``}`` (line 2, column 10: the ``:`` after ``objective``'s child key)."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train: {max_steps: 2\nobjective:\n  beta: [0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}, line 2, column 10: expected ',' or '}}', but got ':'"), message
+    assert "flow mapping that starts at line 1, column 8" in message and "\n" not in message
+
+
+def test_a_malformed_override_value_is_a_config_error_but_string_fields_take_any_text():
+    with pytest.raises(ConfigError, match=r"override 'train.max_steps=\[1,', line 1, column 4"):
+        load_config(None, ["train.max_steps=[1,"])
+    assert load_config(None, ["output.name={x"]).output.name == "{x"  # a name, never parsed as YAML
+
+
+@pytest.mark.parametrize("value, expected", [("true", ["tensorboard"]), ("false", [])])
+def test_the_old_tensorboard_key_still_works_for_one_release_with_a_warning(value, expected, tmp_path):
+    from gvpo.yaml_input import DeprecatedKeyWarning
+
+    path = tmp_path / "old.yaml"
+    path.write_text(f"output:\n  tensorboard: {value}\n")
+    for source, overrides in ((path, None), (None, [f"output.tensorboard={value}"])):
+        with pytest.warns(DeprecatedKeyWarning, match=r"output\.tensorboard is deprecated.*use output\.report_to"):
+            assert load_config(source, overrides).output.report_to == expected
+    with pytest.warns(DeprecatedKeyWarning):  # on top of other trackers: only tensorboard is added or removed
+        config = load_config(None, ["output.report_to=[wandb]", f"output.tensorboard={value}"])
+    assert config.output.report_to == ["wandb", *expected]
+    with pytest.raises(ConfigError, match="output.tensorboard: expected true or false"):
+        load_config(None, ["output.tensorboard=maybe"])

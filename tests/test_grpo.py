@@ -339,15 +339,17 @@ class _OneProcessAccelerator:
         return t
 
 
-def trl_compute_loss(x, c, rows, advantages, *, loss_type, beta, bias_kl, eps_high, processes, accumulation):
+def trl_compute_loss(x, c, rows, advantages, *, loss_type, beta, bias_kl, eps_high, processes, accumulation,
+                     level="token"):
     """``GRPOTrainer._compute_loss`` of TRL on rows ``rows`` (one micro-batch of one process), with the
-    model's forward replaced by the given log-probs ``x`` (differentiable)."""
+    model's forward replaced by the given log-probs ``x`` (differentiable); ``level``: TRL's
+    ``importance_sampling_level``."""
     from trl import GRPOTrainer
 
     n, width = c["mask"].shape
     fake = SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda *a, **k: (x[rows], torch.zeros_like(x[rows]), None),
-        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token", beta=beta,
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level=level, beta=beta,
         args=SimpleNamespace(use_bias_correction_kl=bias_kl, delta=None, steps_per_generation=accumulation),
         loss_type=loss_type, epsilon_low=EPS, epsilon_high=EPS if eps_high is None else eps_high, use_vllm=False,
         vllm_importance_sampling_correction=False, model=SimpleNamespace(training=True),

@@ -336,6 +336,54 @@ def test_a_tokenizer_without_pad_or_eos_is_one_line(model_dir, tmp_path, capsys)
     _expect_one_line(code, err, f"model.name_or_path={path}", "neither a pad nor an EOS token")
 
 
+def _drop_keys(path: Path, keys: dict) -> Path:
+    """Remove ``keys[file]`` from each JSON file of the model folder ``path``."""
+    for name, names in keys.items():
+        data = json.loads((path / name).read_text())
+        (path / name).write_text(json.dumps({k: v for k, v in data.items() if k not in names}))
+    return path
+
+
+def test_a_tokenizer_without_pad_pads_with_eos_as_trl_does(model_dir, tmp_path):
+    from gvpo.config import ModelConfig
+    from gvpo.models import load_policy
+
+    path = _drop_keys(Path(shutil.copytree(model_dir, tmp_path / "nopad")), {"tokenizer_config.json": ["pad_token"]})
+    _, tokenizer = load_policy(ModelConfig(name_or_path=str(path)))
+    assert tokenizer.pad_token == "</s>" and tokenizer.pad_token_id == tokenizer.eos_token_id == 2
+
+
+def test_a_model_without_eos_trains_to_the_length_budget_with_one_warning(tmp_path, capsys):
+    """The issue's case: the embedded model with eos removed from its tokenizer, config and generation config
+    (transformers still finds its ``<pad>``). Completions cannot end early, so each has max_new_tokens tokens."""
+    from gvpo.tasks.arithmetic import default_model_path
+
+    path = _drop_keys(Path(shutil.copytree(default_model_path(), tmp_path / "noeos")), {
+        "tokenizer_config.json": ["pad_token", "eos_token"], "config.json": ["pad_token_id", "eos_token_id"],
+        "generation_config.json": ["pad_token_id", "eos_token_id"]})
+    code, err = gvpo(["train", f"model.name_or_path={path}", f"output.dir={tmp_path}", "output.name=r",
+                      "train.max_steps=1", "train.prompts_per_step=2", "rollout.k=2", "rollout.max_new_tokens=4",
+                      "train.eval_n=2", "output.progress=false", "output.report_to=[]", "output.plots=false"], capsys)
+    assert code == 0 and err == [f"gvpo: warning: model.name_or_path={path}: no EOS token (tokenizer, config.json, "
+                                 "generation_config.json); every completion runs to rollout.max_new_tokens"], err
+    assert read_metrics(tmp_path / "r" / "metrics.jsonl")[1]["completion_len"] == 4
+
+
+def test_a_malformed_config_file_is_one_line_with_file_line_and_column(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("train: {max_steps: 2\nobjective:\n  beta: [0.1\n")
+    code, err = gvpo(["train", "--config", str(path), f"output.dir={tmp_path}"], capsys)
+    assert code == 2
+    _expect_one_line(code, err, f"gvpo: config error: {path}, line 2, column 10: expected ',' or '}}'")
+
+
+def test_the_old_tensorboard_key_is_one_warning_line_naming_report_to(model_dir, tmp_path, capsys):
+    code, err = gvpo(["train", *kv(settings(model_dir, tmp_path, "old", **{"train.max_steps": 1})),
+                      "output.tensorboard=false"], capsys)
+    assert code == 0 and len(err) == 1 and err[0].startswith("gvpo: warning: output.tensorboard is deprecated"), err
+    assert "use output.report_to" in err[0] and not (tmp_path / "old" / "tensorboard").exists()
+
+
 def raising_reward(prompts, completions, **_):
     return [1 / 0 for _ in completions]
 

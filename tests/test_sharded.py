@@ -51,8 +51,10 @@ def runs(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+def _env(small_files: bool = False) -> dict:
+    """``small_files``: checkpoints in many files per process (``tests/small_checkpoint_files``)."""
+    first = [str(TESTS / "small_checkpoint_files")] if small_files else []
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([*first, str(TESTS), os.environ.get("PYTHONPATH", "")]),
             "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
@@ -63,11 +65,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two(args: list[str]) -> subprocess.Popen:
+def _two(args: list[str], small_files: bool = False) -> subprocess.Popen:
     """``gvpo train ARGS`` on 2 CPU processes (torchrun, gloo; GPUs hidden), in its own process group."""
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             str(_free_port()), "-m", "gvpo.cli", "train", *args], env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                             str(_free_port()), "-m", "gvpo.cli", "train", *args], env=_env(small_files),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def _finish(proc: subprocess.Popen) -> None:
@@ -157,6 +159,19 @@ def test_a_sharded_checkpoint_resumes_in_one_process_and_the_reverse(one, two, r
     _finish(_two(["--resume", str(up), "train.fsdp=true"]))
     assert_same_params(final_params(one), final_params(up), atol=ACROSS_PROCESS_COUNTS)
     assert json.loads((up / "checkpoints" / "step-000004" / "trainer_state.json").read_text())["processes"] == 2
+
+
+def test_checkpoints_in_many_files_per_process_train_and_reshard_alike(model_dir, runs, one, two):
+    """Checkpoints split into files of at most 4 KiB of tensors (issue 23: the writer holds one file in memory)
+    give the same run as one file per process, and resume on one process (which writes one file) as well."""
+    small = runs / "small-files"
+    _finish(_two(_kv(overrides(model_dir, runs, "small-files", **STEPS, **{"train.fsdp": True})), small_files=True))
+    for rank in (1, 2):
+        assert len(list((small / "checkpoints" / "step-000004" / "shards").glob(f"shard-0000{rank}-*"))) > 5
+    assert_same_params(final_params(two), final_params(small), atol=0)
+    down = _copy_at_step_2(small, runs / "small-files-then-one")
+    _one(["--resume", str(down)])
+    assert_same_params(final_params(one), final_params(down), atol=ACROSS_PROCESS_COUNTS)
 
 
 def test_a_replay_buffer_cannot_change_its_number_of_processes(model_dir, runs, two):

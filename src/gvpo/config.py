@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .yaml_input import tensorboard_key, yaml_load
 
 class ConfigError(ValueError):
     """A config key or value is not valid; the message names the key and what is allowed."""
@@ -125,7 +126,7 @@ class SamplerConfig:
 @dataclass
 class ObjectiveConfig:
     name: str = "gvpo"
-    """Objective: gvpo; grpo (PPO-clipped, as TRL/DeepSeekMath run it); the paper's Eq. 9 family members dr_grpo (centred rewards, sequence-level: not the Dr. GRPO recipe), rs, sft, dpo; or a dotted path to an objective factory (see ``gvpo.objectives.base``)."""
+    """Objective: gvpo; grpo (PPO-clipped, as TRL/DeepSeekMath run it); gspo (grpo with importance_sampling_level=sequence); the paper's Eq. 9 family members dr_grpo (centred rewards, sequence-level: not the Dr. GRPO recipe), rs, sft, dpo; or a dotted path to an objective factory (see ``gvpo.objectives.base``)."""
     beta: float = 0.1
     """KL strength beta of Eq. 5; implicit reward = beta * log(pi_theta / pi_ref)."""
     reference: Literal["fixed", "rollout"] = "fixed"
@@ -141,11 +142,13 @@ class ObjectiveConfig:
     use_bias_correction_kl: bool = True
     """GRPO: multiply the k3 penalty by the importance ratio to pi_old, so its gradient is the unbiased reverse-KL gradient (TRL's default); false = plain k3."""
     loss_aggregation: Literal["grpo", "dapo", "bnpo", "dr_grpo"] = "grpo"
-    """GRPO: per-token loss aggregation, TRL's ``loss_type``: grpo = mean per sequence then over sequences (DeepSeekMath); dapo = mean over the step's tokens (TRL's default); bnpo = token mean per process, averaged over processes; dr_grpo = token sum / (N * max_new_tokens), the generation budget."""
+    """GRPO: per-token loss aggregation, TRL's ``loss_type``: grpo = mean per sequence then over sequences (DeepSeekMath); dapo = mean over the step's tokens (TRL's default); bnpo = token mean per process, averaged over processes (TRL's bnpo divides each micro-batch by its own tokens: the same only with one micro-batch per process and optimizer step); dr_grpo = token sum / (N * max_new_tokens), the generation budget."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """GRPO: advantages (R - group mean) divided by the group's reward std (group), the whole step's (batch), or not at all (none, Dr.GRPO); unbiased std + 1e-4, as in TRL."""
     importance_sampling: bool = True
     """GRPO under ``train.async_lag``: the ratio's denominator is the sampler's log-probs (importance sampling, clipped, as TRL's async GRPO); false = the policy at the batch's first update (stale samples treated as on-policy). No effect without a lag."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """GRPO: importance ratio to pi_old per token, or one per completion: exp of its mean token log-ratio (sequence = GSPO, TRL's option of this name). GSPO's paper pairs it with loss_aggregation=grpo and clip_epsilon=3e-4, epsilon_high=4e-4."""
 
 
 @dataclass
@@ -207,7 +210,7 @@ class OutputConfig:
     name: str = ""
     """Run folder name under ``dir``; empty = ``<task>-<objective>-<date>-<time>``."""
     report_to: list = field(default_factory=lambda: ["tensorboard"])
-    """Experiment trackers, through accelerate: any of tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, trackio (each needs its package; set its offline mode, e.g. ``WANDB_MODE=offline``, without a network); ``[]`` or ``none`` = only ``metrics.jsonl``."""
+    """Experiment trackers, through accelerate: any of tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, trackio (each needs its package; set its offline mode, e.g. ``WANDB_MODE=offline``, without a network); ``[]`` or ``none`` = only ``metrics.jsonl``. Replaces ``output.tensorboard``, still accepted (true/false) with a warning until the next release."""
     plots: bool = True
     """Write ``plots.png`` (reward, accuracy, KL, implicit/actual reward correlation)."""
     progress: bool = True
@@ -309,6 +312,8 @@ def _set(config: RunConfig, key: str, value: Any) -> None:
             _set(config, f"{key}.{sub}", v)
         return
     names = [f.name for f in dataclasses.fields(section)]
+    if key == "output.tensorboard":  # renamed to output.report_to: accepted, with a warning, for one release
+        return tensorboard_key(section, _coerce(key, value, bool))
     if parts[1] == "options" and parts[0] == "task" and len(parts) > 2:  # task.options.path=...
         section.options[".".join(parts[2:])] = value
         return
@@ -334,7 +339,7 @@ def validate(config: RunConfig) -> RunConfig:
     for key, v in positive.items():
         if v < 1:
             raise ConfigError(f"{key} must be >= 1, got {v}")
-    if config.rollout.k < 2 and config.objective.name in ("gvpo", "grpo", "dr_grpo"):
+    if config.rollout.k < 2 and config.objective.name in ("gvpo", "grpo", "gspo", "dr_grpo"):
         raise ConfigError(f"rollout.k must be >= 2 for objective {config.objective.name!r} (groups need variance)")
     if config.objective.beta <= 0:
         raise ConfigError(f"objective.beta must be > 0, got {config.objective.beta}")
@@ -396,7 +401,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key=value, e.g. objective.beta=0.05")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip(), yaml_load(raw, f"override {text!r}", ConfigError) if raw.strip() else ""
 
 
 def _field_type(key: str) -> Any:
@@ -415,12 +420,11 @@ def override_item(text: str) -> tuple[str, Any]:
     >>> override_item("output.name=007"), override_item("train.max_steps=007")
     (('output.name', '007'), ('train.max_steps', 7))
     """
-    key, value = parse_override(text)
-    raw = text.split("=", 1)[1].strip()
+    key, equals, raw = (part.strip() for part in text.partition("="))
     quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
-    if _field_type(key) is str and not quoted:
-        return key, raw
-    return key, value
+    if equals and _field_type(key) is str and not quoted:
+        return key, raw  # never parsed: "output.name={x" is a name, not broken YAML
+    return parse_override(text)
 
 
 def load_config(path: str | Path | None = None, overrides: list | dict | None = None) -> RunConfig:
@@ -428,8 +432,7 @@ def load_config(path: str | Path | None = None, overrides: list | dict | None = 
     :func:`override_item`), ``(key, value)`` pairs, or a dict."""
     config = RunConfig()
     if path:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+        data = yaml_load(Path(path).read_text(encoding="utf-8"), str(path), ConfigError) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model, task, ...), got {type(data).__name__}")
         for key, value in data.items():

@@ -1,16 +1,21 @@
 """Where metrics go: ``metrics.jsonl`` (one JSON object per line, flushed), the experiment trackers of
-``output.report_to`` (through accelerate: TensorBoard, Weights & Biases, MLflow, ...), ``plots.png``."""
+``output.report_to`` (through accelerate: TensorBoard, Weights & Biases, MLflow, ...), ``plots.png``.
+A failed write is one line (:mod:`gvpo.write_errors`)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from .groups import center, dense_index, group_sum
+from .write_errors import WRITE_ERRORS, reason, remove, writing
+from .yaml_input import GvpoWarning
 
 
 def within_group_correlation(implicit: Tensor, rewards: Tensor, group_ids: Tensor) -> float:
@@ -48,17 +53,50 @@ class MetricsLog:
         tmp.replace(self.path)
 
     def log(self, row: dict) -> None:
-        """Append ``row``; non-finite floats are written as ``null`` (strict JSON)."""
+        """Append ``row``; non-finite floats are written as ``null`` (strict JSON). A failed append is cut off
+        again (a resume then reads whole rows) and raises :class:`gvpo.write_errors.RunWriteError`."""
         row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        size = self.path.stat().st_size if self.path.exists() else 0
+        with writing(str(self.path), self.path.parent):
+            try:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+            except WRITE_ERRORS:
+                if self.path.exists():
+                    os.truncate(self.path, size)  # a half-appended row would break the next resume's reading
+                raise
         if self.accelerator is not None:
             numbers = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
-            self.accelerator.log(numbers, step=row["step"])
+            with writing("the tracker logs (output.report_to)", self.path.parent):
+                self.accelerator.log(numbers, step=row["step"])
 
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def start_trackers(accelerator, run_dir: Path, config: dict) -> None:
+    """Start the trackers of ``output.report_to`` (accelerate's ``init_trackers``), which write their first files."""
+    with writing("the tracker logs (output.report_to)", run_dir):
+        accelerator.init_trackers("tensorboard", config=config)
+
+
+def end_trackers(accelerator, run_dir: Path) -> None:
+    """Close the trackers of ``output.report_to`` (their last writes happen here: TensorBoard writes from a
+    thread and reports a failed write at the next call or at the end)."""
+    with writing("the tracker logs (output.report_to)", run_dir):
+        accelerator.end_training()
+
+
+def write_plots(run_dir: Path) -> None:
+    """``run_dir/plots.png`` from its ``metrics.jsonl``. The run is complete when it is drawn, so a failed write
+    is a warning (the half-written file removed), not an error."""
+    path = run_dir / "plots.png"
+    try:
+        plot_metrics(read_metrics(run_dir / "metrics.jsonl"), path, title=run_dir.name)
+    except WRITE_ERRORS as err:
+        remove(path)
+        warnings.warn(f"could not write {path}: {reason(err)}; the run itself is complete", GvpoWarning, stacklevel=2)
 
 
 def plot_metrics(rows: list[dict], path: Path, title: str = "") -> None:

@@ -1,10 +1,19 @@
 """Loading the policy with one clear line when the model is not usable: a missing or empty folder, a config
-without weights, a model ``load_policy`` cannot load (whatever it raises), a tokenizer without pad or EOS."""
+without weights, a model ``load_policy`` cannot load (whatever it raises), a tokenizer without pad or EOS.
+
+Padding and EOS: a tokenizer without a pad token pads with its EOS token (as TRL does); a model without
+an EOS token (in the tokenizer, ``config.json`` and ``generation_config.json``) trains with a warning, every
+completion running to ``rollout.max_new_tokens``; with neither, left padding has no id to use and loading
+stops with one line (set ``pad_token`` in the folder's ``tokenizer_config.json``).
+"""
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
+
+from .yaml_input import GvpoWarning
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
 
@@ -70,6 +79,11 @@ def load_checked(config, device, progress: bool = True, key: str = "model.name_o
                          f"({type(err).__name__}: {why[:300]})") from err
     router_aux_loss_coef(model, getattr(config, "router_aux_loss_coef", None))  # a coefficient needs an MoE model
     if tokenizer.pad_token_id is None:
-        raise ModelError(f"{key}={config.name_or_path}: the tokenizer has neither a pad nor an EOS "
-                         "token; add one (tokenizer.add_special_tokens({'pad_token': ...})) and save it")
+        raise ModelError(f"{key}={config.name_or_path}: the tokenizer has neither a pad nor an EOS token, and "
+                         "left padding needs one; set pad_token (or eos_token) in its tokenizer_config.json to a "
+                         "token of its vocabulary")
+    generation = getattr(model, "generation_config", None)
+    if tokenizer.eos_token_id is None and getattr(generation, "eos_token_id", None) is None:
+        warnings.warn(f"{key}={config.name_or_path}: no EOS token (tokenizer, config.json, generation_config.json); "
+                      "every completion runs to rollout.max_new_tokens", GvpoWarning, stacklevel=2)
     return model, tokenizer

@@ -38,9 +38,9 @@ from .evaluate import evaluate
 from .generation import lag_metrics, lagged, running
 from .interrupt import Interrupted, StopRequests, resume_hint
 from .logprobs import sequence_logps
-from .metrics import MetricsLog, plot_metrics, read_metrics, within_group_correlation
+from .metrics import MetricsLog, end_trackers, start_trackers, within_group_correlation, write_plots
 from .model_checks import load_checked
-from .models import Reference, save_pretrained
+from .models import Reference
 from .objectives import create_objective
 from .reward_checks import RewardError
 from .rewards import combine
@@ -187,7 +187,7 @@ def setup(config: RunConfig, *, resume: str | Path | None = None, overwrite: boo
             log.truncate_after(state["step"] if last is not None else -1)
             if resume:
                 run_folder.record_resume(run_dir, state["step"], changed)
-        accelerator.init_trackers("tensorboard", config=tracker_config(config))
+        start_trackers(accelerator, run_dir, tracker_config(config))
     return Run(config, accelerator, task, reward_fn, eval_tasks, policy, tokenizer, reference, objective, optimizer,
                scheduler, engine, SamplingParams(max_new_tokens, config.rollout.temperature, config.rollout.top_p,
                                                  mask_truncated=config.rollout.mask_truncated),
@@ -340,7 +340,7 @@ def stop_with_checkpoint(run: Run, signum: int) -> None:
     path = run.run_dir / "checkpoints" / f"step-{step:06d}"
     if not path.exists():
         save_checkpoint(run)
-    run.accelerator.end_training()
+    end_trackers(run.accelerator, run.run_dir)
     raise Interrupted(f"stopped by {signal.Signals(signum).name} after step {step}; "
                       + resume_hint(run.run_dir, path), signum)
 
@@ -427,12 +427,11 @@ def finish(run: Run) -> None:
         save_checkpoint(run)
     weights = full_state_dict(run.policy, run.accelerator)  # gathered from every process's shards
     if run.accelerator.is_main_process:
-        save_pretrained(run.model, run.tokenizer, run.run_dir / "final", state_dict=weights)
-        run_folder.share_like_umask(run.run_dir / "final")  # safetensors writes 0600
+        ckpt.save_final(run.model, run.tokenizer, run.run_dir, state_dict=weights)
         if run.config.output.plots:
-            plot_metrics(read_metrics(run.run_dir / "metrics.jsonl"), run.run_dir / "plots.png", title=run.run_dir.name)
+            write_plots(run.run_dir)
     run.accelerator.wait_for_everyone()
-    run.accelerator.end_training()
+    end_trackers(run.accelerator, run.run_dir)
 
 
 def tracker_config(config: RunConfig) -> dict:

@@ -5,6 +5,7 @@
 ======== ==========================================================================================
 gvpo     GVPO: Eq. 12 weights, Eq. 13 MSE, Eq. 16 ``1/(k-1)`` (:mod:`.weighted`)
 grpo     GRPO as people run it: PPO-clipped token-level surrogate, k3 KL (:mod:`.grpo`)
+gspo     GSPO: ``grpo`` with one importance ratio per completion (``importance_sampling_level=sequence``)
 dr_grpo  Eq. 9 with centred rewards, sequence-level (the paper's family member, not the recipe)
 rs       rejection sampling / RAFT, Eq. 2
 sft      SFT, Eq. 1

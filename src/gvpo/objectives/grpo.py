@@ -21,6 +21,16 @@ gradient the unbiased reverse-KL gradient off-policy. Its value is ``k3`` when `
 gradient gains ``kl_coef * k3_it * grad logp_it``, so it changes the update whenever the policy is
 away from the reference, even at the first update on a batch; ``False`` is the plain ``k3`` penalty.
 
+GSPO (``importance_sampling_level="sequence"``, TRL's option; Zheng et al. 2025) replaces the token
+ratio by one ratio per completion, the geometric mean of its token ratios (``m`` = completion mask):
+
+    r_i   = exp(sum_t m_it (logp_it - old_it) / max(|y_i|, 1))   sequence ratio, used for every token of y_i
+
+in the clipped surrogate and in the bias-corrected KL term, exactly as TRL 1.16 broadcasts its ``(B, 1)``
+ratio; the k3 term stays per token. Each token's loss then carries ``d r_i / d logp_it = r_i / |y_i|``.
+The aggregations apply unchanged (TRL warns that with dapo, bnpo or dr_grpo the sum over tokens weights a
+completion by its length; GSPO's paper uses ``grpo``). ``objective.name=gspo`` is ``grpo`` with this level.
+
 ``old`` is the policy before this batch's first update (``Batch.old_token_logps``): with
 ``train.updates_per_batch=1``, ``r = 1`` in value but its gradient is still the policy gradient
 ``-A_i * grad logp_it``. With ``kl_coef == 0`` no reference log-probs are needed.
@@ -61,8 +71,8 @@ tokens / T_p)``; it does not change with our micro-batch size, and on one proces
 Where this departs from TRL otherwise: the group statistics come from a batch on one process (the
 trainer keeps groups whole), and the clipped-fraction and ``kl_k3`` statistics (plain ``k3``, without
 the ratio) are measured at the start of the update (``prepare``), from detached log-probs, not averaged
-over micro-batches. TRL's other options (``delta``, ``importance_sampling_level="sequence"``,
-entropy masks, vLLM importance correction, the other loss types) are not offered.
+over micro-batches (with GSPO, a clipped completion counts all its tokens: TRL counts it once). TRL's other
+options (``delta``, entropy masks, vLLM importance correction, the other loss types) are not offered.
 """
 
 from __future__ import annotations
@@ -81,6 +91,7 @@ from .functional import dr_grpo_scheme, grpo_scheme
 
 __all__ = [
     "AGGREGATIONS",
+    "LEVELS",
     "SCALE_REWARDS",
     "GRPOObjective",
     "GRPOTerms",
@@ -93,6 +104,8 @@ __all__ = [
 
 AGGREGATIONS = ("grpo", "dapo", "bnpo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
+LEVELS = ("token", "sequence")
+"""``importance_sampling_level``: a ratio per token (PPO, GRPO) or per completion (GSPO)."""
 STD_EPS = 1e-4
 
 
@@ -169,7 +182,9 @@ def _check_number(name: str, value, *, allow_none: bool = False) -> None:
 
 
 def _check(token_logps, old_token_logps, ref_token_logps, advantages, completion_mask, epsilon, epsilon_high,
-           kl_coef) -> None:
+           kl_coef, level="token") -> None:
+    if level not in LEVELS:
+        raise ValueError(f"importance_sampling_level must be one of {', '.join(LEVELS)}; got {level!r}")
     if token_logps.dim() != 2:
         raise ValueError(f"token_logps must have shape (N, C), got {tuple(token_logps.shape)}")
     shape = tuple(token_logps.shape)
@@ -190,21 +205,33 @@ def _check(token_logps, old_token_logps, ref_token_logps, advantages, completion
 
 def grpo_token_terms(token_logps: Tensor, old_token_logps: Tensor, ref_token_logps: Tensor | None,
                      advantages: Tensor, completion_mask: Tensor, *, epsilon: float, kl_coef: float,
-                     epsilon_high: float | None = None, use_bias_correction_kl: bool = True) -> GRPOTerms:
+                     epsilon_high: float | None = None, use_bias_correction_kl: bool = True,
+                     importance_sampling_level: str = "token") -> GRPOTerms:
     """Per-token loss ``l``, clipped mask and ``k3`` (module docstring), all ``(N, C)``, masked.
 
     ``token_logps, old_token_logps, ref_token_logps, completion_mask: (N, C)``; ``advantages: (N,)``
     (detached). ``ref_token_logps`` may be ``None`` when ``kl_coef == 0``. Values at masked positions
     are ignored (they never reach an ``exp``), so padding may hold anything. ``completion_mask`` is the loss
     mask: a :class:`~gvpo.batch.Batch`'s ``action_mask`` (an episode's observations are 0).
+    ``importance_sampling_level``: ``token``, or ``sequence`` (GSPO: one ratio per row, the exp of its mean
+    token log-ratio).
+
+    GSPO's ratio is the geometric mean of the token ratios, e.g. ``exp((0.2 - 0.1) / 2)`` for this row:
+
+    >>> terms = grpo_token_terms(torch.tensor([[0.2, -0.1]]), torch.zeros(1, 2), None, torch.tensor([1.]),
+    ...                          torch.ones(1, 2), epsilon=0.2, kl_coef=0.0, importance_sampling_level="sequence")
+    >>> terms.loss  # -r A on each token
+    tensor([[-1.0513, -1.0513]])
     """
     _check(token_logps, old_token_logps, ref_token_logps, advantages, completion_mask, epsilon, epsilon_high,
-           kl_coef)
+           kl_coef, importance_sampling_level)
     high = epsilon if epsilon_high is None else epsilon_high
     mask = completion_mask.bool()
     dtype = token_logps.dtype
     zero = torch.zeros((), dtype=dtype, device=token_logps.device)
     log_ratio = torch.where(mask, token_logps - old_token_logps.detach().to(dtype), zero)
+    if importance_sampling_level == "sequence":  # (N, 1): one ratio per completion, broadcast over its tokens
+        log_ratio = log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1).to(dtype)
     ratio = torch.exp(log_ratio)
     adv = advantages.detach().to(dtype)[:, None]
     unclipped = ratio * adv
@@ -264,7 +291,8 @@ def aggregation_scales(completion_mask: Tensor, aggregation: str, *, max_complet
 def grpo_token_loss(token_logps: Tensor, old_token_logps: Tensor, ref_token_logps: Tensor | None,
                     advantages: Tensor, completion_mask: Tensor, *, epsilon: float = 0.2,
                     epsilon_high: float | None = None, kl_coef: float = 0.0, use_bias_correction_kl: bool = True,
-                    aggregation: str = "grpo", max_completion_length: int | None = None) -> Tensor:
+                    aggregation: str = "grpo", max_completion_length: int | None = None,
+                    importance_sampling_level: str = "token") -> Tensor:
     """GRPO loss (module docstring): clipped surrogate plus ``kl_coef * k3 (* r)``, aggregated. Scalar.
 
     Shapes: ``token_logps, old_token_logps, ref_token_logps, completion_mask: (N, C)``,
@@ -289,7 +317,8 @@ def grpo_token_loss(token_logps: Tensor, old_token_logps: Tensor, ref_token_logp
     """
     terms = grpo_token_terms(token_logps, old_token_logps, ref_token_logps, advantages, completion_mask,
                              epsilon=epsilon, epsilon_high=epsilon_high, kl_coef=kl_coef,
-                             use_bias_correction_kl=use_bias_correction_kl)
+                             use_bias_correction_kl=use_bias_correction_kl,
+                             importance_sampling_level=importance_sampling_level)
     scales, norm = aggregation_scales(completion_mask, aggregation, max_completion_length=max_completion_length,
                                       dtype=terms.loss.dtype)
     return (scales[:, None] * terms.loss).sum() / max(norm, 1.0)
@@ -310,13 +339,15 @@ class GRPOObjective:
     """Trainer-facing GRPO (``objective.name=grpo``): token-level clipped surrogate and k3 penalty.
 
     Reads ``clip_epsilon``, ``epsilon_high``, ``kl_coef``, ``use_bias_correction_kl``,
-    ``loss_aggregation``, ``scale_rewards`` and ``importance_sampling`` from an ``ObjectiveConfig``. ``max_completion_length``
+    ``loss_aggregation``, ``scale_rewards``, ``importance_sampling`` and ``importance_sampling_level`` from an
+    ``ObjectiveConfig`` (``importance_sampling_level`` given here overrides it: ``gspo``). ``max_completion_length``
     is ``L`` of the ``dr_grpo`` aggregation (the generation budget), required for it.
     """
 
     name = "grpo"
 
-    def __init__(self, config, *, max_completion_length: int | None = None):
+    def __init__(self, config, *, max_completion_length: int | None = None,
+                 importance_sampling_level: str | None = None):
         self.epsilon = float(config.clip_epsilon)
         self.epsilon_high = None if config.epsilon_high is None else float(config.epsilon_high)
         self.kl_coef = float(config.kl_coef)
@@ -324,8 +355,10 @@ class GRPOObjective:
         self.aggregation = config.loss_aggregation
         self.scale_rewards = config.scale_rewards
         self.importance_sampling = bool(config.importance_sampling)
+        self.level = importance_sampling_level or config.importance_sampling_level
         for key, value, choices in (("loss_aggregation", self.aggregation, AGGREGATIONS),
-                                    ("scale_rewards", self.scale_rewards, SCALE_REWARDS)):
+                                    ("scale_rewards", self.scale_rewards, SCALE_REWARDS),
+                                    ("importance_sampling_level", self.level, LEVELS)):
             if value not in choices:
                 raise ValueError(f"objective.{key} must be one of {', '.join(choices)}; got {value!r}")
         for key, value in (("clip_epsilon", self.epsilon), ("epsilon_high", self.epsilon_high),
@@ -347,7 +380,8 @@ class GRPOObjective:
                                 None if ref is None else ref.to(token_logps.device), advantages,
                                 batch.action_mask[rows].to(token_logps.device),
                                 epsilon=self.epsilon, epsilon_high=self.epsilon_high, kl_coef=self.kl_coef,
-                                use_bias_correction_kl=self.use_bias_correction_kl)
+                                use_bias_correction_kl=self.use_bias_correction_kl,
+                                importance_sampling_level=self.level)
 
     def old_token_logps(self, batch: Batch) -> Tensor | None:
         """The ratio's denominator: the sampler's log-probs under a lag with ``importance_sampling``, else pi_old."""
@@ -382,3 +416,10 @@ class GRPOObjective:
 def grpo(config, *, max_completion_length: int | None = None) -> GRPOObjective:
     """GRPO as people run it: PPO-clipped token-level surrogate with a k3 KL penalty (TRL's options)."""
     return GRPOObjective(config, max_completion_length=max_completion_length)
+
+
+@OBJECTIVES.register("gspo")
+def gspo(config, *, max_completion_length: int | None = None) -> GRPOObjective:
+    """GSPO: ``grpo`` with ``importance_sampling_level=sequence`` (a name for ``gvpo compare``); the clip range
+    and aggregation come from the config as for ``grpo`` (GSPO's paper: 3e-4 / 4e-4, ``grpo``)."""
+    return GRPOObjective(config, max_completion_length=max_completion_length, importance_sampling_level="sequence")

@@ -55,12 +55,15 @@ class Engine(Protocol):
 
 
 def completion_mask_from_ids(completion_ids: Tensor, eos_token_ids: list[int]) -> Tensor:
-    """1 up to and including the first EOS of each row (all ones if none).
+    """1 up to and including the first EOS of each row (all ones if none, or if there are no EOS ids).
 
     >>> completion_mask_from_ids(torch.tensor([[5, 2, 0, 0], [5, 6, 7, 8]]), [2]).tolist()
     [[1, 1, 0, 0], [1, 1, 1, 1]]
+    >>> completion_mask_from_ids(torch.tensor([[5, 2]]), []).tolist()
+    [[1, 1]]
     """
-    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, dtype=completion_ids.dtype,
+                                                     device=completion_ids.device))
     eos_before = is_eos.long().cumsum(-1) - is_eos.long()
     return (eos_before == 0).long()
 

@@ -102,9 +102,11 @@ class StopStrings(StoppingCriteria):
 
 
 def eos_ids(tokenizer, model) -> list[int]:
+    """The ids that end a completion: the generation config's, else the tokenizer's EOS; ``[]`` for a model
+    without one (every completion then runs to ``max_new_tokens``)."""
     ids = model.generation_config.eos_token_id if model.generation_config is not None else None
     ids = ids if ids is not None else tokenizer.eos_token_id
-    return sorted(set(ids if isinstance(ids, list) else [ids]))
+    return sorted({i for i in (ids if isinstance(ids, list) else [ids]) if i is not None})
 
 
 def synced_processes(model) -> bool:
@@ -153,7 +155,7 @@ class HFEngine:
                 processors.append(TopPLogitsWarper(params.top_p))
             processors.append(SeededGumbelNoise(seeds))
         gen_config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False,
-                                      eos_token_id=eos, pad_token_id=pad)
+                                      eos_token_id=eos or None, pad_token_id=pad)
         stops = StopStrings(self.tokenizer, params.stop, prompt_ids.shape[1]) if params.stop else None
         was_training = self.model.training
         self.model.eval()

@@ -422,7 +422,9 @@ class VLLMEngine:
         from .hf import eos_ids
 
         inner = getattr(self.model, "module", self.model)
-        return eos_ids(self.tokenizer, inner) if hasattr(inner, "generation_config") else [self.tokenizer.eos_token_id]
+        if hasattr(inner, "generation_config"):
+            return eos_ids(self.tokenizer, inner)
+        return [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
 
     @torch.no_grad()
     def generate(self, prompts: list, seeds: list[int], params: SamplingParams) -> Generation:

@@ -21,8 +21,8 @@ class OfflineSampler(StatelessSampler):
 
     def __init__(self, groups, tokenizer, seed: int, *, model=None, cache_key: dict | None = None, cache_dir=None):
         self.groups, self.tokenizer, self.model = groups, tokenizer, model
-        eos = tokenizer.eos_token_id
-        self.ids = [[tokenizer(c, add_special_tokens=False)["input_ids"] + [eos] for c in g.completions]
+        eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]  # a model without EOS: none appended
+        self.ids = [[tokenizer(c, add_special_tokens=False)["input_ids"] + eos for c in g.completions]
                     for g in groups]
         self.offsets = [0]
         for g in groups:
