@@ -28,7 +28,8 @@ from gvpo.config import load_config
 from gvpo.logprobs import completion_token_logps
 from gvpo.logprobs import sequence_logps as sequence_logps_of
 from gvpo.tasks import get_task
-from gvpo.trainer import process_rows, train
+from gvpo.samplers import process_rows
+from gvpo.trainer import train
 from gvpo.samplers import step_rows
 
 import tiny

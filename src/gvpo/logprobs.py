@@ -291,7 +291,6 @@ def shared_prompt_token_logps(model: nn.Module, input_ids: Tensor, attention_mas
     completion token is scored from the prompt's last logits, the others from the completion pass.
     For a group of k completions of a P-token prompt this runs ``P + k*C`` tokens instead of ``k*(P + C)``.
     """
-    plen = input_ids.shape[1] - completion_mask.shape[1]
     head = fused_head(model, _base_model(model))
     first, cache = _prompt_pass(model, head, input_ids, attention_mask, completion_mask, owner, None, chunk_rows)
     rest = _continued(model, head, cache, input_ids, attention_mask, completion_mask, chunk_rows)

@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .batch import Batch
 from .groups import center, dense_index, group_sum
+from .logprobs import sequence_logps
 from .write_errors import WRITE_ERRORS, reason, remove, writing
 from .yaml_input import GvpoWarning
 
@@ -76,7 +78,9 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def start_trackers(accelerator, run_dir: Path, config: dict) -> None:
-    """Start the trackers of ``output.report_to`` (accelerate's ``init_trackers``), which write their first files."""
+    """Start the trackers of ``output.report_to`` (accelerate's ``init_trackers``), which write their first files.
+    ``config``: ``section.key -> value`` (:func:`gvpo.config.flat_dict`); lists and mappings go as strings."""
+    config = {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in config.items()}
     with writing("the tracker logs (output.report_to)", run_dir):
         accelerator.init_trackers("tensorboard", config=config)
 
@@ -129,3 +133,29 @@ def plot_metrics(rows: list[dict], path: Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def gather_stats(updates: list[tuple[dict, Batch]], accelerator) -> dict:
+    """Step metrics over all processes' completions, from the last epoch's updates (one per mini-batch):
+    batch statistics over all its rows, the objective's scalars averaged over its optimizer steps."""
+    log_ratio = torch.cat([sequence_logps(stats["logps"], b.action_mask) - b.ref_logps for stats, b in updates])
+    rewards = torch.cat([b.rewards for _, b in updates])
+    group_ids = torch.cat([b.group_ids for _, b in updates])
+    lengths = torch.cat([b.action_mask.sum(-1).float() for _, b in updates])
+    sums = torch.stack([rewards.sum(), (rewards**2).sum(), log_ratio.sum(), lengths.sum(),
+                        torch.tensor(float(len(rewards)), device=rewards.device)]).double()
+    sums = accelerator.reduce(sums.to(accelerator.device), "sum")
+    n = max(float(sums[4]), 1.0)
+    mean = float(sums[0]) / n
+    corr = within_group_correlation(log_ratio, rewards, group_ids)
+    out = {"reward_mean": mean, "reward_std": math.sqrt(max(float(sums[1]) / n - mean**2, 0.0)),
+           "kl": float(sums[2]) / n, "completion_len": float(sums[3]) / n, "implicit_reward_corr": corr}
+    scalars = [k for k, v in updates[0][0].items() if isinstance(v, (int, float))]
+    out.update({k: sum(stats[k] for stats, _ in updates) / len(updates) for k in scalars})
+    sources = {}
+    for _, b in updates:
+        for s in b.sources:
+            sources[s] = sources.get(s, 0) + 1
+    if len(sources) > 1 or "policy" not in sources:
+        out.update({f"source/{k}": v / len(rewards) for k, v in sources.items()})
+    return out

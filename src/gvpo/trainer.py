@@ -37,15 +37,14 @@ from .episodes import episode_metrics, load_environment_spec, reward_keywords, t
 from .evaluate import evaluate
 from .generation import lag_metrics, lagged, running
 from .interrupt import Interrupted, StopRequests, resume_hint
-from .logprobs import sequence_logps
-from .metrics import MetricsLog, end_trackers, start_trackers, within_group_correlation, write_plots
+from .metrics import MetricsLog, end_trackers, gather_stats, start_trackers, write_plots
 from .model_checks import load_checked
 from .models import Reference
 from .objectives import create_objective
 from .reward_checks import RewardError
 from .rewards import combine
 from .rollout import SamplingParams, create_engine
-from .samplers import create_sampler, step_rows
+from .samplers import create_sampler, process_rows, step_rows
 from .sharding import SHARDABLE, full_state_dict, is_sharded, shard
 from .tasks import get_task
 from .update import NonFiniteError, fill_rollout_logps, update
@@ -187,7 +186,7 @@ def setup(config: RunConfig, *, resume: str | Path | None = None, overwrite: boo
             log.truncate_after(state["step"] if last is not None else -1)
             if resume:
                 run_folder.record_resume(run_dir, state["step"], changed)
-        start_trackers(accelerator, run_dir, tracker_config(config))
+        start_trackers(accelerator, run_dir, flat_dict(config))
     return Run(config, accelerator, task, reward_fn, eval_tasks, policy, tokenizer, reference, objective, optimizer,
                scheduler, engine, SamplingParams(max_new_tokens, config.rollout.temperature, config.rollout.top_p,
                                                  mask_truncated=config.rollout.mask_truncated),
@@ -360,19 +359,6 @@ def check_micro_batches(run: Run, batches: list[Batch]) -> None:
                            "forward passes. Use train.micro_batch_size=0 (one pass per process and mini-batch)")
 
 
-def process_rows(rows: list, rank: int, world: int, mini_batches: int) -> list:
-    """This process's rows of a step, in mini-batch order: of mini-batch ``j``'s contiguous share of the
-    step's rows, the ``rank``-th part, so a mini-batch holds the same groups for any number of processes.
-
-    >>> process_rows(list("abcdefgh"), rank=1, world=2, mini_batches=2)
-    ['c', 'd', 'g', 'h']
-    """
-    per_batch = len(rows) // mini_batches
-    share = per_batch // world
-    return [row for j in range(mini_batches)
-            for row in rows[j * per_batch + rank * share : j * per_batch + (rank + 1) * share]]
-
-
 def score(groups: list[Group], reward_fn, state: dict | None = None) -> list[list]:
     """Rewards per group, one per completion: given ones kept, the rest from ``reward_fn`` (called with
     TRL's keywords, see :mod:`gvpo.rewards`; ``state`` is the trainer state; ``None`` = the completion
@@ -432,35 +418,3 @@ def finish(run: Run) -> None:
             write_plots(run.run_dir)
     run.accelerator.wait_for_everyone()
     end_trackers(run.accelerator, run.run_dir)
-
-
-def tracker_config(config: RunConfig) -> dict:
-    """``section.key -> value`` with lists and mappings as strings, for experiment trackers."""
-    return {key: value if isinstance(value, (int, float, str, bool)) else str(value)
-            for key, value in flat_dict(config).items()}
-
-
-def gather_stats(updates: list[tuple[dict, Batch]], accelerator) -> dict:
-    """Step metrics over all processes' completions, from the last epoch's updates (one per mini-batch):
-    batch statistics over all its rows, the objective's scalars averaged over its optimizer steps."""
-    log_ratio = torch.cat([sequence_logps(stats["logps"], b.action_mask) - b.ref_logps for stats, b in updates])
-    rewards = torch.cat([b.rewards for _, b in updates])
-    group_ids = torch.cat([b.group_ids for _, b in updates])
-    lengths = torch.cat([b.action_mask.sum(-1).float() for _, b in updates])
-    sums = torch.stack([rewards.sum(), (rewards**2).sum(), log_ratio.sum(), lengths.sum(),
-                        torch.tensor(float(len(rewards)), device=rewards.device)]).double()
-    sums = accelerator.reduce(sums.to(accelerator.device), "sum")
-    n = max(float(sums[4]), 1.0)
-    mean = float(sums[0]) / n
-    corr = within_group_correlation(log_ratio, rewards, group_ids)
-    out = {"reward_mean": mean, "reward_std": math.sqrt(max(float(sums[1]) / n - mean**2, 0.0)),
-           "kl": float(sums[2]) / n, "completion_len": float(sums[3]) / n, "implicit_reward_corr": corr}
-    scalars = [k for k, v in updates[0][0].items() if isinstance(v, (int, float))]
-    out.update({k: sum(stats[k] for stats, _ in updates) / len(updates) for k in scalars})
-    sources = {}
-    for _, b in updates:
-        for s in b.sources:
-            sources[s] = sources.get(s, 0) + 1
-    if len(sources) > 1 or "policy" not in sources:
-        out.update({f"source/{k}": v / len(rewards) for k, v in sources.items()})
-    return out

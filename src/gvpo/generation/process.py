@@ -24,7 +24,7 @@ import signal
 import time
 import traceback
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

@@ -49,3 +49,16 @@ def step_rows(rows: list[dict], step: int, batch_size: int, seed: int) -> list[t
         _ORDERS.clear()  # one data size at a time: nothing grows across runs in one process
         order = _ORDERS[key] = EpochOrder(len(rows), seed)
     return [(pos, rows[order[pos]]) for pos in range(step * batch_size, (step + 1) * batch_size)]
+
+
+def process_rows(rows: list, rank: int, world: int, mini_batches: int) -> list:
+    """This process's rows of a step, in mini-batch order: of mini-batch ``j``'s contiguous share of the
+    step's rows, the ``rank``-th part, so a mini-batch holds the same groups for any number of processes.
+
+    >>> process_rows(list("abcdefgh"), rank=1, world=2, mini_batches=2)
+    ['c', 'd', 'g', 'h']
+    """
+    per_batch = len(rows) // mini_batches
+    share = per_batch // world
+    return [row for j in range(mini_batches)
+            for row in rows[j * per_batch + rank * share : j * per_batch + (rank + 1) * share]]
