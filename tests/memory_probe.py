@@ -2,6 +2,8 @@
 one JSON line. Linux only (``/proc/self/status``; writing 5 to ``/proc/self/clear_refs`` resets the peak).
 
     python memory_probe.py load MODEL_DIR         RSS growth of load_policy, then of the frozen reference copy
+    python memory_probe.py load-twice MODEL_DIR   the same with a loader that holds the weights twice (the
+                                                  control: the loaded tensors kept beside their copies)
     python memory_probe.py checkpoint MODEL_DIR   peak RSS growth of one save_checkpoint (after an AdamW step)
 """
 
@@ -48,6 +50,21 @@ def probe_load(model_dir: str) -> dict:
             "reference_growth": with_reference - loaded}
 
 
+def hold_weights_twice() -> None:
+    """Make ``load_policy`` keep every loaded tensor alive beside a fresh copy (what ``own_aligned_memory``
+    would do if it cloned while the loaded storage stayed referenced)."""
+    import gvpo.models
+
+    kept = []
+
+    def copy_and_keep(model) -> None:
+        for tensor in [*model.parameters(), *model.buffers()]:
+            kept.append(tensor.data)
+            tensor.data = tensor.data.clone()
+
+    gvpo.models.own_aligned_memory = copy_and_keep
+
+
 def probe_checkpoint(model_dir: str, file_bytes: int) -> dict:
     import torch
     from accelerate import Accelerator
@@ -78,5 +95,7 @@ def probe_checkpoint(model_dir: str, file_bytes: int) -> dict:
 
 if __name__ == "__main__":
     kind, model_dir = sys.argv[1], sys.argv[2]
-    result = probe_load(model_dir) if kind == "load" else probe_checkpoint(model_dir, int(sys.argv[3]))
+    if kind == "load-twice":
+        hold_weights_twice()
+    result = probe_load(model_dir) if kind.startswith("load") else probe_checkpoint(model_dir, int(sys.argv[3]))
     print(json.dumps(result))
