@@ -303,3 +303,11 @@ def test_more_than_one_process_is_refused_and_the_policy_sampler_accepted():
     with pytest.raises(ConfigError, match="train.async_lag=1 with 2 processes: not composed yet"):
         generation.check(load_config(None, {"train.async_lag": 1}), world=2)
     generation.check(load_config(None, {"train.async_lag": 1}), world=1)
+
+
+@pytest.mark.parametrize("key, value", [("task.environment", "my_pkg.envs.Calculator"), ("task.tools", ["my_pkg.add"])])
+def test_episodes_are_refused_by_name(key, value):
+    """The generator process builds its own engine, without the episode runner: multi-turn rows would silently
+    become single-turn ones, so the combination stops at start-up, naming both settings."""
+    with pytest.raises(ConfigError, match=r"train.async_lag=1 with task.environment/task.tools: not composed yet"):
+        generation.check(load_config(None, {"train.async_lag": 1, key: value}), world=1)
