@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     import torch
 
     from gvpo.config import load_config
-    from gvpo.metrics import read_metrics
+    from gvpo.run.metrics import read_metrics
     from gvpo.trainer import train
 
     torch.set_num_threads(args.threads)

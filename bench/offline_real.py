@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     from gvpo.config import load_config
-    from gvpo.metrics import read_metrics
+    from gvpo.run.metrics import read_metrics
     from gvpo.trainer import train
     from transformers import AutoTokenizer
 

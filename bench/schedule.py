@@ -118,8 +118,8 @@ def kl_to_initial(run_dir: Path, config, *, n: int, seed: int, temperature: floa
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gvpo.logprobs import completion_token_logps, sequence_logps
-    from gvpo.models import resolve_model_path
+    from gvpo.model.loading import resolve_model_path
+    from gvpo.model.logprobs import completion_token_logps, sequence_logps
     from gvpo.rollout import SamplingParams, hash_seed
     from gvpo.rollout.hf import HFEngine
     from gvpo.tasks import get_task

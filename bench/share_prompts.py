@@ -3,7 +3,7 @@ group's prompt run once, against every row running prompt + completion, in the s
 
 A random Llama of the given shape scores ``--prompts`` groups of ``--k`` completions (``--prompt-len``
 tokens of left-padded prompt, ``--completion-len`` of completion) with
-:func:`gvpo.logprobs.completion_token_logps`, without grad (the reference) and with forward+backward
+:func:`gvpo.model.logprobs.completion_token_logps`, without grad (the reference) and with forward+backward
 (the update). Best of ``--repeats`` after one warm-up; on a GPU also CUDA's allocator peak (on CPU the
 process's peak RSS never goes down between configurations, so no memory is reported there).
 
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from gvpo.logprobs import completion_token_logps
+from gvpo.model.logprobs import completion_token_logps
 
 
 

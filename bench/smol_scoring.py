@@ -2,8 +2,8 @@
 backward, as gvpo did before issue 19 and with each of its two changes, against TRL 1.16's scoring for scale:
 
 - ``before``: one padded pass, the LM head on materialised ``(B, C + 1, V)`` logits;
-- ``fused``: the LM head on the hidden states of the scored tokens only (:mod:`gvpo.lm_head`);
-- ``buckets``: rows in buckets of similar completion length, each pass trimmed to its longest (:mod:`gvpo.buckets`);
+- ``fused``: the LM head on the hidden states of the scored tokens only (:mod:`gvpo.model.lm_head`);
+- ``buckets``: rows in buckets of similar completion length, each pass trimmed to its longest (:mod:`gvpo.model.buckets`);
 - ``after``: both (gvpo's default now);
 - ``trl``: TRL's ``add_fused_lm_head`` (which on CPU scores every position of prompt and completion).
 
@@ -70,7 +70,7 @@ def make_batch(tokenizer, prompts: int, k: int, width: int, seed: int):
 @contextlib.contextmanager
 def variant_settings(variant: str):
     """gvpo's scoring as in ``variant``: the logits path and/or one padded pass where the variant says so."""
-    import gvpo.logprobs as logprobs
+    import gvpo.model.logprobs as logprobs
 
     saved = logprobs.fused_head, logprobs.PASS_COST
     if variant in ("before", "buckets"):
@@ -85,7 +85,7 @@ def variant_settings(variant: str):
 
 def scorer(variant: str, model, ids, attention, completion):
     """A function returning ``(B, C)`` completion log-probs as ``variant`` computes them."""
-    from gvpo.logprobs import completion_token_logps
+    from gvpo.model.logprobs import completion_token_logps
 
     if variant != "trl":
         def score():

@@ -39,7 +39,7 @@ def child(spec: dict) -> None:
 
     torch.set_num_threads(spec["threads"])
     from gvpo.config import load_config
-    from gvpo.models import load_tokenizer, resolve_model_path
+    from gvpo.model.loading import load_tokenizer, resolve_model_path
     from gvpo.samplers import step_rows
     from gvpo.tasks import get_task
     from gvpo.trainer import train

@@ -9,7 +9,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-collect_ignore = ["small_checkpoint_files"]  # its sitecustomize.py changes gvpo.checkpoint when imported
+collect_ignore = ["small_checkpoint_files"]  # its sitecustomize.py changes gvpo.run.checkpoint when imported
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ def probe_load(model_dir: str) -> dict:
     import torch
 
     from gvpo.config import ModelConfig
-    from gvpo.models import Reference, load_policy
+    from gvpo.model.loading import Reference, load_policy
 
     warm, _ = load_policy(ModelConfig(name_or_path=model_dir, dtype="float32"), "cpu")  # imports, first-call caches
     del warm
@@ -69,9 +69,9 @@ def probe_checkpoint(model_dir: str, file_bytes: int) -> dict:
     import torch
     from accelerate import Accelerator
 
-    from gvpo import checkpoint as ckpt
     from gvpo.config import ModelConfig
-    from gvpo.models import load_policy
+    from gvpo.model.loading import load_policy
+    from gvpo.run import checkpoint as ckpt
 
     ckpt.FILE_BYTES = file_bytes
     policy, _ = load_policy(ModelConfig(name_or_path=model_dir, dtype="float32"), "cpu")

@@ -26,10 +26,10 @@ from gvpo import generation
 from gvpo.batch import Batch, Group, build_batch
 from gvpo.config import ConfigError, ObjectiveConfig, load_config
 from gvpo.generation import base as generation_base
-from gvpo.metrics import read_metrics
-from gvpo.model_checks import load_checked
+from gvpo.model.checks import load_checked
 from gvpo.objectives import OBJECTIVES, create_objective
 from gvpo.objectives.grpo import grpo_advantages
+from gvpo.run.metrics import read_metrics
 from gvpo.update import update
 
 import tiny

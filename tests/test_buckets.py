@@ -1,4 +1,4 @@
-"""Length buckets (:mod:`gvpo.buckets`): the cheapest split of the rows by completion length, and bucketed
+"""Length buckets (:mod:`gvpo.model.buckets`): the cheapest split of the rows by completion length, and bucketed
 log-probs equal to one padded pass (values and gradients, prompts shared or not) while computing fewer tokens."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import random
 import pytest
 import torch
 
-import gvpo.logprobs as logprobs
+import gvpo.model.logprobs as logprobs
 import tiny
-from gvpo.buckets import cache_rows, length_buckets
-from gvpo.logprobs import completion_token_logps
-from gvpo.models import Reference
+from gvpo.model.buckets import cache_rows, length_buckets
+from gvpo.model.loading import Reference
+from gvpo.model.logprobs import completion_token_logps
 
 
 def cost(lengths, buckets, pass_cost):

@@ -55,7 +55,7 @@ def test_gsm8k_recipe_is_single_gpu_lora_vllm():
 
 @pytest.mark.parametrize("name, lora", [("smollm2-135m-lora.yaml", True), ("smollm2-135m-full.yaml", False)])
 def test_smollm2_recipes_train_the_fetched_model_on_the_chat_task(name, lora):
-    from gvpo.model_fetch import KNOWN_MODELS
+    from gvpo.model.fetch import KNOWN_MODELS
 
     c = load_config(CONFIGS / name)
     assert c.model.name_or_path in KNOWN_MODELS and c.model.lora is lora

@@ -12,10 +12,10 @@ import torch
 
 import tiny
 from gvpo.batch import Group, all_token_logps, build_batch, token_logps_for
-from gvpo.config import ObjectiveConfig
-from gvpo.logprobs import sequence_logps
-from gvpo.models import load_policy
 from gvpo.config import ModelConfig
+from gvpo.config import ObjectiveConfig
+from gvpo.model.loading import load_policy
+from gvpo.model.logprobs import sequence_logps
 from gvpo.objectives import OBJECTIVES, create_objective
 
 TOK = tiny.char_tokenizer()

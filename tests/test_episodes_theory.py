@@ -5,7 +5,7 @@ An episode of prompt ``x`` is ``tau = (a1, o, a2)``: a first action ``a1`` (3 ch
 The policy is two free tables, ``pi(a1|x) = softmax(theta1[x])`` and ``pi(a2|x,a1,o) = softmax(theta2[x,a1,o])``.
 Episodes are scored the way the trainer scores them: a row of per-token log-probs ``[a1, o, a2]`` whose
 ``o`` entry is the environment's ``log P(o)`` and whose ``action_mask`` is ``[1, 0, 1]``
-(:func:`gvpo.logprobs.sequence_logps`), and :func:`gvpo.gvpo_loss` on those masked sums.
+(:func:`gvpo.model.logprobs.sequence_logps`), and :func:`gvpo.gvpo_loss` on those masked sums.
 
 The KL-regularised optimum over the policy's own factors (maximise ``E[R] - beta KL``), by backward induction:
 ``pi*(a2|x,a1,o) ∝ pi_ref(a2|.) exp(R/beta)``, ``Z(x,a1,o) = sum_a2 pi_ref exp(R/beta)``, and
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from gvpo import gvpo_loss
-from gvpo.logprobs import sequence_logps
+from gvpo.model.logprobs import sequence_logps
 
 X, A, O, B = 2, 3, 2, 3
 BETA = 1.0

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import tiny
 import tiny_chat as tc
 from gvpo.config import load_config
-from gvpo.metrics import read_metrics
+from gvpo.run.metrics import read_metrics
 from gvpo.trainer import train
 
 TESTS = Path(__file__).resolve().parent

@@ -1,4 +1,4 @@
-"""GGUF files as a model source (``gvpo.gguf_model``): a tiny Llama with a byte-level BPE tokenizer is written
+"""GGUF files as a model source (``gvpo.model.gguf``): a tiny Llama with a byte-level BPE tokenizer is written
 as GGUF in the test (``tests/gguf_tiny.py``, the ``gguf`` package), converted once into a cached plain folder,
 trained and evaluated from; no download."""
 
@@ -16,12 +16,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gguf_tiny import gguf, make_tiny_gguf  # noqa: F401  (skips the module without the gguf package)
-from gvpo import gguf_model
 from gvpo.cli import main
 from gvpo.config import ModelConfig, load_config
-from gvpo.gguf_model import DONE_FILE, ModelSourceError, plain_folder
-from gvpo.model_checks import ModelError, load_checked
-from gvpo.models import resolve_model_path
+from gvpo.model import gguf as gguf_model
+from gvpo.model.checks import ModelError, load_checked
+from gvpo.model.gguf import DONE_FILE, ModelSourceError, plain_folder
+from gvpo.model.loading import resolve_model_path
 from gvpo.trainer import train
 
 TEXT = "<|im_start|>user\nWhat is 47 + 38?<|im_end|>\n<|im_start|>assistant\nThe answer is 85.<|im_end|>"

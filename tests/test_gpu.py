@@ -10,7 +10,7 @@ import torch
 
 from gvpo import completion_token_logps
 from gvpo.config import load_config
-from gvpo.metrics import read_metrics
+from gvpo.run.metrics import read_metrics
 from gvpo.trainer import train
 
 import tiny

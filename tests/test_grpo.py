@@ -18,10 +18,10 @@ import torch.multiprocessing as mp
 from gvpo.config import ObjectiveConfig, load_config
 from gvpo.objectives.grpo import (GRPOObjective, batch_reward_std, grpo_advantages, grpo_token_loss,
                                   grpo_token_terms)
-from gvpo.metrics import read_metrics
-from gvpo.trainer import setup, train
 from gvpo.batch import Batch
 from gvpo.objectives import create_objective
+from gvpo.run.metrics import read_metrics
+from gvpo.trainer import setup, train
 
 import tiny
 from test_trainer import overrides as trainer_overrides

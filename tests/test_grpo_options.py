@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from gvpo.config import load_config
-from gvpo.metrics import read_metrics
 from gvpo.objectives import create_objective
 from gvpo.objectives.grpo import GRPOObjective, grpo_advantages, grpo_token_loss, grpo_token_terms
+from gvpo.run.metrics import read_metrics
 from gvpo.trainer import train
 
 import tiny

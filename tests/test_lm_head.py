@@ -1,6 +1,6 @@
-"""The fused LM head (:mod:`gvpo.lm_head`): token log-probs from hidden states without a ``(..., V)`` logits
+"""The fused LM head (:mod:`gvpo.model.lm_head`): token log-probs from hidden states without a ``(..., V)`` logits
 tensor, against a float64 ``log_softmax`` of the full logits (values and gradients), where it applies, and
-that :func:`gvpo.logprobs.completion_token_logps` takes it for a plain Llama and gives what the logits path gives."""
+that :func:`gvpo.model.logprobs.completion_token_logps` takes it for a plain Llama and gives what the logits path gives."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import tiny
-from gvpo.lm_head import fused_head, head_inputs, head_token_logps
-from gvpo.logprobs import _base_model, completion_token_logps
+from gvpo.model.lm_head import fused_head, head_inputs, head_token_logps
+from gvpo.model.logprobs import _base_model, completion_token_logps
 
 
 def naive(hidden, head, labels, mask):
@@ -57,7 +57,7 @@ def test_values_and_gradients_equal_the_full_log_softmax(bias, chunk_rows):
 
 def test_gradcheck():
     """``torch.autograd.gradcheck`` of the custom backward (hidden states, weight and bias), float64, 4-row chunks."""
-    from gvpo.lm_head import _HeadTokenLogps
+    from gvpo.model.lm_head import _HeadTokenLogps
 
     head, hidden, labels, mask = random_case(bias=True)
     keep = mask.bool()
@@ -123,7 +123,7 @@ def test_fused_head_only_where_the_head_is_the_last_step(family_models):
 def test_completion_logps_take_the_fused_head_and_match_the_logits_path(family_models, monkeypatch, share):
     """On a Llama the model is called with its head captured (the logits it returns have no vocabulary), and the
     log-probs and their gradients equal those of the logits path (float64 model, 1e-10)."""
-    import gvpo.logprobs as logprobs
+    import gvpo.model.logprobs as logprobs
     from test_model_families import grouped_batch
 
     model = copy.deepcopy(family_models["llama"]).double()

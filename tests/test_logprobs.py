@@ -47,7 +47,7 @@ def test_token_logps_of_a_strided_slice_match_and_are_not_copied(dtype):
     """``logits[:, :-1]`` (what a causal LM's next-token shift passes; its batch stride skips a row) gives
     the same values and gradient as the naive formula, and is processed as views of the original
     storage (no full copy of the logits)."""
-    from gvpo.logprobs import _row_blocks
+    from gvpo.model.logprobs import _row_blocks
 
     g = torch.Generator().manual_seed(1)
     full = (torch.randn(3, 8, 29, generator=g) * 3).to(dtype).requires_grad_(True)
@@ -211,7 +211,7 @@ def test_shared_prompts_give_the_same_logps_and_gradients(tiny_llama):
     unpadded per-example reference, value and gradient, and it must really run fewer tokens."""
     import copy
 
-    from gvpo.logprobs import prompt_owners
+    from gvpo.model.logprobs import prompt_owners
 
     model = copy.deepcopy(tiny_llama).double()
     prompts, completions, input_ids, attention_mask, completion_mask = make_group_batch()
@@ -245,7 +245,7 @@ def test_gradient_checkpointing_and_non_transformers_models_take_the_plain_path(
     """transformers drops the KV cache under gradient checkpointing, and a bare module has none."""
     import copy
 
-    from gvpo.logprobs import caches_prompts
+    from gvpo.model.logprobs import caches_prompts
 
     model = copy.deepcopy(tiny_llama)
     assert caches_prompts(model) and not caches_prompts(_NoLogitsToKeep(model))

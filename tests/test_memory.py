@@ -4,7 +4,7 @@ weights is far above the noise of allocator and imports (a few MiB).
 
 - Loading the policy keeps one copy of the weights: ``from_pretrained`` on CPU leaves the weights in the
   safetensors file's memory map, and ``own_aligned_memory`` moves them into torch-allocated memory (see
-  ``gvpo.models``); the map must be released, not kept beside the copy. The frozen reference adds one copy.
+  ``gvpo.model.loading``); the map must be released, not kept beside the copy. The frozen reference adds one copy.
 - A checkpoint holds at most one checkpoint file in memory while it writes (issue 23: the writer serialized
   weights and AdamW state, 3x the parameter bytes, in memory at once, 635 MiB extra on a 33.6M model).
 

@@ -25,12 +25,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gvpo.batch import build_batch
 from gvpo.config import load_config
-from gvpo.logprobs import completion_token_logps
-from gvpo.logprobs import sequence_logps as sequence_logps_of
-from gvpo.tasks import get_task
+from gvpo.model.logprobs import completion_token_logps
+from gvpo.model.logprobs import sequence_logps as sequence_logps_of
 from gvpo.samplers import process_rows
-from gvpo.trainer import train
 from gvpo.samplers import step_rows
+from gvpo.tasks import get_task
+from gvpo.trainer import train
 
 import tiny
 

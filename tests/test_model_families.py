@@ -22,8 +22,8 @@ from transformers import AutoModelForCausalLM
 import tiny
 from gvpo import cli
 from gvpo.config import ConfigError, ModelConfig, load_config
-from gvpo.logprobs import _completion_token_logps, completion_token_logps
-from gvpo.models import Reference, has_dropout, load_policy
+from gvpo.model.loading import Reference, has_dropout, load_policy
+from gvpo.model.logprobs import _completion_token_logps, completion_token_logps
 from gvpo.trainer import train
 
 

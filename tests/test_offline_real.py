@@ -26,7 +26,7 @@ import pytest
 
 import gvpo.offline_model as bom
 from gvpo.config import load_config
-from gvpo.metrics import read_metrics
+from gvpo.run.metrics import read_metrics
 from gvpo.trainer import train
 
 import tiny

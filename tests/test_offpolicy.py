@@ -11,7 +11,7 @@ import torch
 
 from gvpo.config import load_config
 from gvpo.data import DataError
-from gvpo.metrics import read_metrics
+from gvpo.run.metrics import read_metrics
 from gvpo.samplers import ReplaySampler
 from gvpo.rollout import SamplingParams
 from gvpo.batch import Group
@@ -139,7 +139,7 @@ def test_offline_reference_scores_in_length_chunks_equal_scoring_each_row_alone(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gvpo.data import OfflineGroup
-    from gvpo.logprobs import completion_token_logps
+    from gvpo.model.logprobs import completion_token_logps
     from gvpo.batch import build_batch
     from gvpo.samplers import OfflineSampler
 
@@ -194,7 +194,7 @@ def test_reference_sampling_draws_from_the_frozen_initial_policy(model_dir, tmp_
             self.model = model
 
     from gvpo.config import ModelConfig
-    from gvpo.models import load_policy
+    from gvpo.model.loading import load_policy
     from gvpo.rollout.hf import HFEngine
 
     policy, tok = load_policy(ModelConfig(name_or_path=str(model_dir)))

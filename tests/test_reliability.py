@@ -18,7 +18,7 @@ import yaml
 
 from gvpo import cli
 from gvpo.config import load_config
-from gvpo.metrics import read_metrics
+from gvpo.run.metrics import read_metrics
 from gvpo.trainer import train
 
 import tiny
@@ -107,7 +107,7 @@ def test_a_file_in_the_way_of_the_output_folder_is_one_line(tmp_path, capsys):
 
 
 def test_a_second_writer_is_refused_and_a_stale_lock_is_not_in_the_way(model_dir, run_copy, capsys):
-    from gvpo.run_folder import RunLock
+    from gvpo.run.folder import RunLock
 
     lock = RunLock(run_copy).acquire()  # another open file: flock refuses it like another process
     try:
@@ -173,8 +173,8 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(run_cop
 
 
 def test_rotation_keeps_older_intact_checkpoints_until_a_newer_one_checks_out(tmp_path):
-    from gvpo.checkpoint import rotate
-    from gvpo.checkpoint_manifest import newest_intact, problem, write_manifest
+    from gvpo.run.checkpoint import rotate
+    from gvpo.run.checkpoint_manifest import newest_intact, problem, write_manifest
 
     for step in (1, 2, 3):
         folder = tmp_path / f"step-{step:06d}"
@@ -197,7 +197,7 @@ def test_rotation_keeps_older_intact_checkpoints_until_a_newer_one_checks_out(tm
 def test_a_failed_checkpoint_write_names_the_folder_and_keeps_the_last_one(run_copy, monkeypatch):
     import torch
 
-    from gvpo import checkpoint as ckpt
+    from gvpo.run import checkpoint as ckpt
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", "x/state.pt")
@@ -315,7 +315,7 @@ def test_a_seq2seq_model_is_one_line(tmp_path, capsys):
 
 
 def test_whatever_load_policy_raises_becomes_one_line(tmp_path, monkeypatch, capsys):
-    from gvpo import models
+    from gvpo.model import loading as models
 
     def refuse(config, device):
         raise ValueError("model_type 'bert' is a masked LM, not a causal LM\nmore detail")
@@ -346,7 +346,7 @@ def _drop_keys(path: Path, keys: dict) -> Path:
 
 def test_a_tokenizer_without_pad_pads_with_eos_as_trl_does(model_dir, tmp_path):
     from gvpo.config import ModelConfig
-    from gvpo.models import load_policy
+    from gvpo.model.loading import load_policy
 
     path = _drop_keys(Path(shutil.copytree(model_dir, tmp_path / "nopad")), {"tokenizer_config.json": ["pad_token"]})
     _, tokenizer = load_policy(ModelConfig(name_or_path=str(path)))

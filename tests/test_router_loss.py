@@ -20,10 +20,10 @@ import tiny
 from gvpo import cli, gvpo_loss
 from gvpo.batch import Batch, token_logps_for
 from gvpo.config import ConfigError, ModelConfig
-from gvpo.logprobs import completion_token_logps
-from gvpo.models import load_policy
+from gvpo.model.loading import load_policy
+from gvpo.model.logprobs import completion_token_logps
+from gvpo.model.router_loss import RouterLoss, router_aux_loss_coef
 from gvpo.objectives.weighted import GVPOObjective
-from gvpo.router_loss import RouterLoss, router_aux_loss_coef
 from gvpo.update import update
 from test_model_families import grouped_batch, per_row_logps, run_overrides
 

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from gvpo.config import load_config
-from gvpo.metrics import read_metrics
+from gvpo.run.metrics import read_metrics
 from gvpo.trainer import train
 
 import tiny
@@ -176,7 +176,7 @@ def test_checkpoints_in_many_files_per_process_train_and_reshard_alike(model_dir
 
 def test_a_replay_buffer_cannot_change_its_number_of_processes(model_dir, runs, two):
     """The replay sampler's buffer is per process; a resume with another count names both counts."""
-    from gvpo.checkpoint_manifest import write_manifest
+    from gvpo.run.checkpoint_manifest import write_manifest
 
     folder = _copy_at_step_2(two, runs / "replay")
     ckpt = folder / "checkpoints" / "step-000002"

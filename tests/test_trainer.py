@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from gvpo.config import ConfigError, load_config
-from gvpo.metrics import read_metrics
+from gvpo.run.metrics import read_metrics
 from gvpo.trainer import train
 
 import tiny

@@ -21,8 +21,8 @@ pytest.importorskip("trl")
 
 import trl_style  # noqa: E402
 from gvpo.config import load_config  # noqa: E402
-from gvpo.metrics import read_metrics  # noqa: E402
 from gvpo.rewards import TrainerState, combine  # noqa: E402
+from gvpo.run.metrics import read_metrics  # noqa: E402
 from gvpo.tasks.arithmetic import default_model_path  # noqa: E402
 from gvpo.trainer import train  # noqa: E402
 

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 import tiny
 from gvpo.batch import build_batch
 from gvpo.config import ModelConfig, load_config
-from gvpo.logprobs import completion_token_logps, sequence_logps
-from gvpo.models import load_policy
+from gvpo.model.loading import load_policy
+from gvpo.model.logprobs import completion_token_logps, sequence_logps
 from gvpo.objectives.weighted import GVPOObjective
 from gvpo.rollout import SamplingParams
 from gvpo.samplers import generate_groups

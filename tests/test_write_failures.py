@@ -17,7 +17,7 @@ import pytest
 from safetensors import SafetensorError
 
 from gvpo import cli
-from gvpo.checkpoint_manifest import problem
+from gvpo.run.checkpoint_manifest import problem
 
 import tiny
 
@@ -72,7 +72,7 @@ def test_full_disk_while_writing_checkpoint_shards(model_dir, tmp_path, monkeypa
 
 
 def test_full_disk_while_writing_the_checkpoint_state(model_dir, tmp_path, monkeypatch, capsys):
-    from gvpo import checkpoint
+    from gvpo.run import checkpoint
 
     save = checkpoint.torch.save
 
@@ -103,7 +103,7 @@ def test_full_disk_while_writing_final_weights(model_dir, tmp_path, monkeypatch,
 
 def test_full_disk_while_appending_metrics_cuts_the_half_row_and_the_run_resumes(model_dir, tmp_path, monkeypatch,
                                                                                   capsys):
-    from gvpo import metrics
+    from gvpo.run import metrics
 
     class HalfWrite:
         def __init__(self, f):

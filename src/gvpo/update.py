@@ -14,7 +14,7 @@ import math
 import torch
 
 from .batch import Batch, all_token_logps, token_logps_for
-from .router_loss import RouterLoss
+from .model.router_loss import RouterLoss
 
 
 class NonFiniteError(RuntimeError):
@@ -26,7 +26,7 @@ def update(policy, optimizer, batch: Batch, objective, *, micro_batch_size: int,
     """One optimizer step on ``batch``: whole-batch statistics first, then micro-batched backward.
 
     ``router_coef`` (``model.router_aux_loss_coef``; None = an MoE model's own) adds the router's
-    load-balancing loss of every gradient forward as TRL does (:mod:`gvpo.router_loss`), which then runs
+    load-balancing loss of every gradient forward as TRL does (:mod:`gvpo.model.router_loss`), which then runs
     without prefix sharing. Returns the step's metrics plus ``logps``, the detached per-token log-probs
     before the step.
     """

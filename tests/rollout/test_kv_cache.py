@@ -58,7 +58,7 @@ def test_generate_scores_are_bit_identical_to_the_dynamic_cache(model_and_tokeni
     """Greedy ``generate`` with left-padded prompts: every step's scores equal the default cache's exactly, for a
     new cache, and for a prompt prefix cached beforehand (as the engine shares prompts) then converted by
     :func:`growing_cache`, against the same prefix left in transformers' cache."""
-    from gvpo.logprobs import position_ids_from_mask
+    from gvpo.model.logprobs import position_ids_from_mask
 
     model, _ = model_and_tokenizer
     g = torch.Generator().manual_seed(2)

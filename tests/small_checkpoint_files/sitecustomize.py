@@ -1,7 +1,7 @@
 """Put on ``PYTHONPATH`` by ``tests/test_sharded.py``: every Python process started with it (torchrun's
 workers included) writes checkpoints in files of at most 4 KiB of tensors, so a tiny model's checkpoint
-spans many files per process (``gvpo.checkpoint.FILE_BYTES``)."""
+spans many files per process (``gvpo.run.checkpoint.FILE_BYTES``)."""
 
-import gvpo.checkpoint
+import gvpo.run.checkpoint
 
-gvpo.checkpoint.FILE_BYTES = 4096
+gvpo.run.checkpoint.FILE_BYTES = 4096

@@ -8,7 +8,7 @@ trainable parameter, and a shared version counter per slot. The trainer publishe
 generating and checks the slot's version before and after the copy (:class:`GeneratorError` if it ever
 changed). Jobs and results go through queues; groups as plain lists (:func:`gvpo.generation.base.encode_groups`).
 
-The worker builds its model with :func:`gvpo.model_checks.load_checked` from the run's config, so its fixed
+The worker builds its model with :func:`gvpo.model.checks.load_checked` from the run's config, so its fixed
 reference is the initial model, as the trainer's is; its engine is ``rollout.engine``. With ``vllm`` the
 worker runs its own vLLM engine on the GPU and ``sync_weights`` pushes each job's weights into it: written
 for real but UNVERIFIED (no GPU where this was written; see README "Asynchronous rollouts").
@@ -182,8 +182,8 @@ def worker_main(spec: WorkerSpec, buffers: list[dict], versions: torch.Tensor, j
 
 
 def _build(spec: WorkerSpec):
-    from ..model_checks import load_checked
-    from ..models import Reference
+    from ..model.checks import load_checked
+    from ..model.loading import Reference
     from ..rollout import create_engine
     from ..samplers import create_sampler
 

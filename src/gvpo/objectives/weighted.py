@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..batch import Batch, Prepared
 from ..groups import dense_index, group_sizes
-from ..logprobs import sequence_logps
+from ..model.logprobs import sequence_logps
 from .base import OBJECTIVES
 from .functional import WEIGHT_SCHEMES, gvpo_loss, gvpo_weights, weighted_nll
 

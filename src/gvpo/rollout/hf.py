@@ -16,8 +16,8 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 from transformers.generation.stopping_criteria import StopStringCriteria
 
-from ..logprobs import cache_argument, caches_prompts, prompt_cache, prompt_owners
-from ..sharding import is_sharded
+from ..model.logprobs import cache_argument, caches_prompts, prompt_cache, prompt_owners
+from ..model.sharding import is_sharded
 from .base import Generation, SamplingParams, completion_mask_from_ids, is_token_ids, left_pad
 from .kv_cache import in_place_cache
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import Tensor
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from ..logprobs import cache_argument, caches_prompts
+from ..model.logprobs import cache_argument, caches_prompts
 
 
 class GrowingLayer(DynamicLayer):

@@ -9,7 +9,7 @@ completions with a source tag each; a group may mix sources.
     factory(spec, *, engine, reference, tokenizer, k, seed, max_new_tokens, cache_dir) -> Sampler
 
 ``spec`` is the :class:`gvpo.config.SamplerConfig` section, ``engine`` the policy's generation
-engine, ``reference`` the fixed reference (:class:`gvpo.models.Reference`) or ``None``, ``k`` the
+engine, ``reference`` the fixed reference (:class:`gvpo.model.loading.Reference`) or ``None``, ``k`` the
 group size, ``cache_dir`` a folder for caches that outlive a run. ``sampler.source`` may also be a
 dotted path ``my_pkg.module.factory``.
 """

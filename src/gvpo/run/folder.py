@@ -130,7 +130,7 @@ def saved_changes(run_dir: Path) -> dict:
 
 def saved_config(run_dir: Path):
     """The run's config as it stands: ``config.yaml`` with the changes of earlier resumes applied."""
-    from .config import load_config
+    from ..config import load_config
 
     return load_config(Path(run_dir) / "config.yaml", saved_changes(run_dir))
 
@@ -138,7 +138,7 @@ def saved_config(run_dir: Path):
 def resume_changes(run_dir: Path, config, allowed=()) -> dict:
     """``key -> (saved, new)`` for every key where ``config`` differs from the run's saved config; raises
     ``RunFolderError`` naming the keys that may not change (see :data:`RESUMABLE`; ``allowed`` adds more)."""
-    from .config import flat_dict
+    from ..config import flat_dict
 
     old, new = flat_dict(saved_config(run_dir)), flat_dict(config)
     changed = {k: (old[k], new[k]) for k in old if old[k] != new[k]}

@@ -12,7 +12,7 @@ backward recomputes each chunk's logits instead of storing them (one more head m
 Where it applies (:func:`fused_head`): a transformers model whose output layer is a plain ``nn.Linear`` and
 whose logits are not rescaled or soft-capped after it (Gemma 2's ``final_logit_softcapping``, Cohere's
 ``logit_scale``, ...), not sharded (FSDP and ZeRO-3 gather the head's weight only inside its own forward).
-Elsewhere :mod:`gvpo.logprobs` keeps the plain path.
+Elsewhere :mod:`gvpo.model.logprobs` keeps the plain path.
 """
 
 from __future__ import annotations

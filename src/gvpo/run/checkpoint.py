@@ -3,7 +3,7 @@
 ``checkpoints/step-N`` is one folder per step, first written as ``checkpoints/.tmp-step-N`` and renamed by
 the main process once every process has finished its files, so a crash mid-write leaves the previous
 checkpoint intact. The main process seals it with ``manifest.json`` (every file's size and SHA-256,
-:mod:`gvpo.checkpoint_manifest`, written last) before the rename; a resume uses the newest checkpoint that
+:mod:`gvpo.run.checkpoint_manifest`, written last) before the rename; a resume uses the newest checkpoint that
 matches its manifest, and older checkpoints are deleted only once the new one checks out. Its files:
 
 - ``shards/``: the trainable weights (``model.*``) and the AdamW state (``optim.*``) through
@@ -19,7 +19,7 @@ matches its manifest, and older checkpoints are deleted only once the new one ch
   of ``shards/`` (its ``save_checkpoint``, what accelerate's ``save_state`` calls).
 
 Why not accelerate's ``save_state``: on CPU processes accelerate never runs as FSDP (its distributed type is
-MULTI_CPU, see :mod:`gvpo.sharding`), so its ``save_state`` would write the main process's shards only.
+MULTI_CPU, see :mod:`gvpo.model.sharding`), so its ``save_state`` would write the main process's shards only.
 ``torch.distributed.checkpoint`` handles one process, DDP, torch's ``fully_shard`` and accelerate's FSDP2
 alike. Tensors go through safetensors; ``.pt`` files are read back with ``weights_only=True``.
 """
@@ -43,9 +43,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from ..model.loading import save_pretrained
 from . import checkpoint_manifest as manifest
-from .models import save_pretrained
-from .run_folder import share_like_umask
+from .folder import share_like_umask
 from .write_errors import RunWriteError, reason, writing
 
 SHARDS = "shards"
@@ -217,9 +217,9 @@ def _raise_if_any(accelerator, error: Exception | None, ckpt_dir: Path, tmp: Pat
 
 
 def save_final(model, tokenizer, run_dir: Path, state_dict: dict | None = None) -> Path:
-    """``run_dir/final``: the weights as a plain transformers folder (:func:`gvpo.models.save_pretrained`),
+    """``run_dir/final``: the weights as a plain transformers folder (:func:`gvpo.model.loading.save_pretrained`),
     written as ``.tmp-final`` and renamed, so it is whole or absent. A failed write removes the temporary
-    folder and raises :class:`gvpo.write_errors.RunWriteError` naming the last intact checkpoint."""
+    folder and raises :class:`gvpo.run.write_errors.RunWriteError` naming the last intact checkpoint."""
     final, tmp = run_dir / "final", run_dir / ".tmp-final"
     with writing(f"the final weights {final}", run_dir, partial=tmp):
         _fresh_folder(tmp)
@@ -259,7 +259,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest checkpoint that matches its manifest (see :func:`gvpo.checkpoint_manifest.newest_intact`)."""
+    """The newest checkpoint that matches its manifest (see :func:`gvpo.run.checkpoint_manifest.newest_intact`)."""
     return manifest.newest_intact(ckpt_dir)[0]
 
 

@@ -28,7 +28,7 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from .config import ConfigError
+from ..config import ConfigError
 from .logprobs import _base_model
 
 

@@ -11,20 +11,20 @@ from accelerate.utils import extract_model_from_parallel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-from .config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig
 from .sharding import gathered_state_dict
 
 
 def resolve_model_path(name_or_path: str, gguf_file: str = "") -> str:
     """``default`` -> the embedded arithmetic model's folder; a GGUF file (``*.gguf``, or a folder and
-    ``gguf_file``) -> its cached plain folder (:mod:`gvpo.gguf_model`); the name of a model ``gvpo model get``
-    fetched (not a local folder) -> its folder (:mod:`gvpo.model_fetch`); anything else unchanged."""
+    ``gguf_file``) -> its cached plain folder (:mod:`gvpo.model.gguf`); the name of a model ``gvpo model get``
+    fetched (not a local folder) -> its folder (:mod:`gvpo.model.fetch`); anything else unchanged."""
     if name_or_path == "default" and not gguf_file:
-        from .tasks.arithmetic import default_model_path
+        from ..tasks.arithmetic import default_model_path
 
         return str(default_model_path())
-    from .gguf_model import gguf_source, plain_folder
-    from .model_fetch import KNOWN_MODELS, fetched_folder
+    from .gguf import gguf_source, plain_folder
+    from .fetch import KNOWN_MODELS, fetched_folder
 
     if name_or_path in KNOWN_MODELS and not gguf_file and not Path(name_or_path).exists():
         return str(fetched_folder(name_or_path))
@@ -191,7 +191,7 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 def save_pretrained(model: torch.nn.Module, tokenizer, path: Path, state_dict: dict | None = None) -> None:
     """Save a folder loadable by plain ``AutoModelForCausalLM.from_pretrained`` (LoRA merged). ``state_dict``:
-    the full weights when ``model`` holds only shards (:func:`gvpo.sharding.full_state_dict`)."""
+    the full weights when ``model`` holds only shards (:func:`gvpo.model.sharding.full_state_dict`)."""
     model = extract_model_from_parallel(model)
     if hasattr(model, "merge_and_unload"):
         model, state_dict = copy.deepcopy(model).merge_and_unload(), None

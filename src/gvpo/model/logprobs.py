@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .buckets import PASS_COST, cache_rows, length_buckets
 from .lm_head import fused_head, head_inputs, head_token_logps
-from .models import has_dropout
+from .loading import has_dropout
 
 DEFAULT_CHUNK_ROWS = 256
 
@@ -199,13 +199,13 @@ def _plain_token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tens
 
 
 def _captured(head):
-    """:func:`gvpo.lm_head.head_inputs` for a fused head, else a context that yields None."""
+    """:func:`gvpo.model.lm_head.head_inputs` for a fused head, else a context that yields None."""
     return head_inputs(head) if head is not None else contextlib.nullcontext()
 
 
 def _scored(head, scores: Tensor, labels: Tensor, completion_mask: Tensor, chunk_rows: int) -> Tensor:
     """Token log-probs of ``labels`` where ``completion_mask`` is 1 (0 elsewhere) from ``scores``: the head's input
-    hidden states when ``head`` is a fused head (:mod:`gvpo.lm_head`: the head runs on the masked positions
+    hidden states when ``head`` is a fused head (:mod:`gvpo.model.lm_head`: the head runs on the masked positions
     only), else the logits."""
     if head is not None:
         return head_token_logps(scores, head, labels, completion_mask, chunk_rows=chunk_rows)
@@ -321,9 +321,9 @@ def _continued(model, head, cache, input_ids, attention_mask, completion_mask, c
 
 
 def _bucketed_token_logps(model, input_ids, attention_mask, completion_mask, owner, buckets, chunk_rows) -> Tensor:
-    """:func:`completion_token_logps` with the rows in ``buckets`` (:func:`gvpo.buckets.length_buckets`), each run
+    """:func:`completion_token_logps` with the rows in ``buckets`` (:func:`gvpo.model.buckets.length_buckets`), each run
     trimmed to its longest completion. With ``owner`` (prefix sharing) the prompts run once and every bucket
-    continues its rows' part of their cache (a model whose cache layers :func:`gvpo.buckets.cache_rows` cannot
+    continues its rows' part of their cache (a model whose cache layers :func:`gvpo.model.buckets.cache_rows` cannot
     split runs all rows in one pass, as without buckets)."""
     num_completion = completion_mask.shape[1]
     plen = input_ids.shape[1] - num_completion

@@ -13,7 +13,7 @@ import os
 import warnings
 from pathlib import Path
 
-from .yaml_input import GvpoWarning
+from ..yaml_input import GvpoWarning
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
 
@@ -53,15 +53,15 @@ def check_model_source(name_or_path: str, key: str = "model.name_or_path") -> No
 def load_checked(config, device, progress: bool = True, key: str = "model.name_or_path"):
     """``load_policy`` behind the checks above; whatever it raises becomes one :class:`ModelError` line that
     names ``key`` (the config key, or the command-line flag that gave the model)."""
-    from .config import ConfigError
-    from .models import load_policy, resolve_model_path
+    from ..config import ConfigError
+    from .loading import load_policy, resolve_model_path
     from .router_loss import router_aux_loss_coef
 
     if not progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    from .gguf_model import ModelSourceError
+    from .gguf import ModelSourceError
 
     try:
         path = resolve_model_path(config.name_or_path, config.gguf_file)

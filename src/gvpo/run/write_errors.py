@@ -4,11 +4,11 @@ resume command. Half-written files are removed first, so nothing is left that lo
 
 The run's writes and what a failure leaves:
 
-- a checkpoint (:func:`gvpo.checkpoint.save_checkpoint`): its ``.tmp-step-N`` folder goes, earlier checkpoints stay;
-- ``final/`` (:func:`gvpo.checkpoint.save_final`): written as ``.tmp-final`` and renamed, so it is whole or absent;
-- ``metrics.jsonl`` and the trackers of ``output.report_to`` (:class:`gvpo.metrics.MetricsLog`): a partly
+- a checkpoint (:func:`gvpo.run.checkpoint.save_checkpoint`): its ``.tmp-step-N`` folder goes, earlier checkpoints stay;
+- ``final/`` (:func:`gvpo.run.checkpoint.save_final`): written as ``.tmp-final`` and renamed, so it is whole or absent;
+- ``metrics.jsonl`` and the trackers of ``output.report_to`` (:class:`gvpo.run.metrics.MetricsLog`): a partly
   appended row is cut off again, so a resume reads whole rows only;
-- ``plots.png`` (:func:`gvpo.metrics.write_plots`): the run is complete by then, so a failure is a warning.
+- ``plots.png`` (:func:`gvpo.run.metrics.write_plots`): the run is complete by then, so a failure is a warning.
 """
 
 from __future__ import annotations

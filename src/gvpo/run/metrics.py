@@ -1,6 +1,6 @@
 """Where metrics go: ``metrics.jsonl`` (one JSON object per line, flushed), the experiment trackers of
 ``output.report_to`` (through accelerate: TensorBoard, Weights & Biases, MLflow, ...), ``plots.png``.
-A failed write is one line (:mod:`gvpo.write_errors`)."""
+A failed write is one line (:mod:`gvpo.run.write_errors`)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .batch import Batch
-from .groups import center, dense_index, group_sum
-from .logprobs import sequence_logps
+from ..batch import Batch
+from ..groups import center, dense_index, group_sum
+from ..model.logprobs import sequence_logps
+from ..yaml_input import GvpoWarning
 from .write_errors import WRITE_ERRORS, reason, remove, writing
-from .yaml_input import GvpoWarning
 
 
 def within_group_correlation(implicit: Tensor, rewards: Tensor, group_ids: Tensor) -> float:
@@ -56,7 +56,7 @@ class MetricsLog:
 
     def log(self, row: dict) -> None:
         """Append ``row``; non-finite floats are written as ``null`` (strict JSON). A failed append is cut off
-        again (a resume then reads whole rows) and raises :class:`gvpo.write_errors.RunWriteError`."""
+        again (a resume then reads whole rows) and raises :class:`gvpo.run.write_errors.RunWriteError`."""
         row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         size = self.path.stat().st_size if self.path.exists() else 0
         with writing(str(self.path), self.path.parent):

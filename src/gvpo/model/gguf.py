@@ -33,7 +33,7 @@ DONE_FILE = "gguf_source.json"
 
 
 class ModelSourceError(RuntimeError):
-    """A GGUF file or a known model (:mod:`gvpo.model_fetch`) cannot be had; the message says which and why."""
+    """A GGUF file or a known model (:mod:`gvpo.model.fetch`) cannot be had; the message says which and why."""
 
 
 def cache_root() -> Path:
