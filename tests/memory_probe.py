@@ -53,7 +53,7 @@ def probe_load(model_dir: str) -> dict:
 def hold_weights_twice() -> None:
     """Make ``load_policy`` keep every loaded tensor alive beside a fresh copy (what ``own_aligned_memory``
     would do if it cloned while the loaded storage stayed referenced)."""
-    import gvpo.models
+    import gvpo.model.loading
 
     kept = []
 
@@ -62,7 +62,7 @@ def hold_weights_twice() -> None:
             kept.append(tensor.data)
             tensor.data = tensor.data.clone()
 
-    gvpo.models.own_aligned_memory = copy_and_keep
+    gvpo.model.loading.own_aligned_memory = copy_and_keep
 
 
 def probe_checkpoint(model_dir: str, file_bytes: int) -> dict:
