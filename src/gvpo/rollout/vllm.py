@@ -29,7 +29,6 @@ How it maps onto gvpo's :class:`~gvpo.rollout.Engine`:
   never samples from the weights on disk, and so does a ``generate`` inside or after peft's
   ``disable_adapter()`` (sampling from the base model as reference) when the adapters' on/off state
   differs from what vLLM holds.
-
 - dtype: vLLM samples in bfloat16 unless the policy is float16 (:func:`vllm_dtype`), also when the
   trainer keeps float32 master weights; ``dtype=`` in the options overrides it.
 
