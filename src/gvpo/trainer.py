@@ -230,12 +230,13 @@ def run_loop(run: Run, stop: StopRequests) -> None:
         groups = run.sampler.sample(rows, step, run.params)
 
         # 2. score: given rewards (offline, replay) or the task's reward functions; None drops a completion
-        generated = sum(g.truncated + sum(s in ("policy", "reference") for s in g.sources) for g in groups)
+        truncated = sum(g.truncated for g in groups)  # generated, then dropped by rollout.mask_truncated
+        generated = truncated + sum(s in ("policy", "reference") for g in groups for s in g.sources)
         scored = [g.with_rewards(r) for g, r in zip(groups, score(groups, run.reward_fn, state))]
         groups = [g.scored() for g in scored]
         dropped = sum(len(a) - len(b) for a, b in zip(scored, groups))
         if nothing_scored(groups, accelerator):  # every completion's reward is None: no update, step counted
-            skip_step(run, step, generated, dropped, bar, sum(g.truncated for g in groups))
+            skip_step(run, step, generated, dropped, bar, truncated)
             continue
 
         # 3. one batch per mini-batch of whole groups, with reference log-probs (fixed reference); pi_old and a
@@ -269,8 +270,8 @@ def run_loop(run: Run, stop: StopRequests) -> None:
             run.reference.sync(run.model)
 
         # 5. log
-        trained, truncated = float(sum(len(b) for b in batches)), float(sum(g.truncated for g in groups))
-        totals = accelerator.reduce(torch.tensor([float(generated), float(dropped), trained, truncated],
+        trained = float(sum(len(b) for b in batches))
+        totals = accelerator.reduce(torch.tensor([float(generated), float(dropped), trained, float(truncated)],
                                                  device=accelerator.device), "sum")
         state["samples"] += int(totals[0].item())
         state["trained"] += int(totals[2].item())
