@@ -53,13 +53,17 @@ def moe_batch(moe_dir: Path) -> Batch:
     return batch
 
 
-@pytest.mark.parametrize("micro_batch_size", [0, 4])
-def test_update_adds_trls_router_term_per_micro_batch(moe_dir, micro_batch_size):
+@pytest.mark.parametrize("micro_batch_size, buckets", [(0, False), (4, False), (0, True)])
+def test_update_adds_trls_router_term_per_micro_batch(moe_dir, micro_batch_size, buckets, monkeypatch):
     """float64 (``load_policy`` picks transformers' eager experts: its grouped_mm kernel has no float64).
     Reference: per-row unpadded log-probs, ``gvpo_loss``, and ``aux_loss`` of a plain forward of each
     micro-batch's rows (9 rows: micro-batches of 4, 4, 1), averaged and weighted by the model's 0.001.
     transformers computes the router statistics in float32 even in a float64 model, so the router term is
-    exact to float32 rounding; without it the step would differ by far more."""
+    exact to float32 rounding; without it the step would differ by far more. ``buckets``: a pass costs
+    nothing, so scoring would split the rows by completion length (6, 5, 4 tokens) into three passes; the
+    router loss is still that of one forward over all rows."""
+    if buckets:
+        monkeypatch.setattr("gvpo.model.logprobs.PASS_COST", 0)
     batch = moe_batch(moe_dir)
     steps = {}
     for coef in (None, 0.0):

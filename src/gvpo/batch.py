@@ -252,15 +252,18 @@ def pad_token_values(values: list[Tensor], width: int, device) -> Tensor:
     return out.to(device)
 
 
-def token_logps_for(model, batch: Batch, rows: slice, share_prompts: bool = True) -> Tensor:
+def token_logps_for(model, batch: Batch, rows: slice, share_prompts: bool = True, one_pass: bool = False) -> Tensor:
     """(n, C) per-token log-probs of ``batch`` rows ``rows`` (with grad if enabled); ``share_prompts`` runs
-    each group's prompt once (see :func:`gvpo.model.logprobs.completion_token_logps`)."""
-    return completion_token_logps(model, *batch.rows(rows), share_prompts=share_prompts)
+    each group's prompt once, ``one_pass`` all rows in one plain forward (see
+    :func:`gvpo.model.logprobs.completion_token_logps`)."""
+    return completion_token_logps(model, *batch.rows(rows), share_prompts=share_prompts, one_pass=one_pass)
 
 
 @torch.no_grad()
-def all_token_logps(model, batch: Batch, micro_batch_size: int, share_prompts: bool = True) -> Tensor:
+def all_token_logps(model, batch: Batch, micro_batch_size: int, share_prompts: bool = True,
+                    one_pass: bool = False) -> Tensor:
     """(N, C) per-token log-probs of every row, computed micro-batch by micro-batch without grad."""
     n = len(batch)
     step = micro_batch_size or n
-    return torch.cat([token_logps_for(model, batch, slice(s, s + step), share_prompts) for s in range(0, n, step)])
+    return torch.cat([token_logps_for(model, batch, slice(s, s + step), share_prompts, one_pass)
+                      for s in range(0, n, step)])

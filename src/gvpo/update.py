@@ -26,21 +26,21 @@ def update(policy, optimizer, batch: Batch, objective, *, micro_batch_size: int,
     """One optimizer step on ``batch``: whole-batch statistics first, then micro-batched backward.
 
     ``router_coef`` (``model.router_aux_loss_coef``; None = an MoE model's own) adds the router's
-    load-balancing loss of every gradient forward as TRL does (:mod:`gvpo.model.router_loss`), which then runs
-    without prefix sharing. Returns the step's metrics plus ``logps``, the detached per-token log-probs
+    load-balancing loss of every gradient forward as TRL does (:mod:`gvpo.model.router_loss`); the update's
+    forwards then run as one plain pass per micro-batch (no prefix sharing, no length buckets). Returns the step's metrics plus ``logps``, the detached per-token log-probs
     before the step.
     """
     n = len(batch)
     size = micro_batch_size or n
     slices = [slice(s, s + size) for s in range(0, n, size)]
     router = RouterLoss(policy, router_coef, len(slices))
-    share_prompts = share_prompts and not router.coef  # the router loss of a full forward, as TRL takes it
+    one_pass = bool(router.coef)  # the router loss of one full forward, as TRL takes it
     if len(slices) == 1:  # one forward serves both the statistics and the gradient
-        token_logps = router.forward(token_logps_for, policy, batch, slices[0], share_prompts)
+        token_logps = router.forward(token_logps_for, policy, batch, slices[0], share_prompts, one_pass)
         current = token_logps.detach()
     else:
         token_logps = None
-        current = all_token_logps(policy, batch, micro_batch_size, share_prompts)
+        current = all_token_logps(policy, batch, micro_batch_size, share_prompts, one_pass)
     fill_rollout_logps(batch, current)
     prepared = objective.prepare(batch, current)
     norm = accelerator.reduce(torch.tensor([prepared.norm, prepared.loss_sum], device=accelerator.device,
@@ -54,7 +54,7 @@ def update(policy, optimizer, batch: Batch, objective, *, micro_batch_size: int,
         accelerator.sync_gradients = last
         with accelerator.no_sync(policy) if not last else contextlib.nullcontext():
             tl = token_logps if token_logps is not None else router.forward(token_logps_for, policy, batch, sl,
-                                                                             share_prompts)
+                                                                             share_prompts, one_pass)
             loss = objective.micro_loss(tl, batch, sl, prepared) * scale + router.term()
             if not torch.isfinite(loss):
                 accelerator.sync_gradients = True

@@ -125,6 +125,7 @@ def completion_token_logps(
     *,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     share_prompts: bool = True,
+    one_pass: bool = False,
 ) -> Tensor:
     """Per-token log-probs of the completion part of ``input_ids``, zero where ``completion_mask`` is 0.
 
@@ -136,7 +137,9 @@ def completion_token_logps(
     With ``share_prompts`` (and a transformers model that keeps a KV cache, without gradient
     checkpointing), consecutive rows with the same prompt, such as the k completions of a group, run
     that prompt once: see :func:`shared_prompt_token_logps`. The result is the same up to float
-    rounding; gradients flow through the shared prompt.
+    rounding; gradients flow through the shared prompt. Rows whose completions differ much in length run in
+    buckets (:mod:`gvpo.model.buckets`). ``one_pass`` turns both off: every row's prompt and completion in one
+    forward, for what is a statistic of a whole forward (an MoE router's load-balancing loss).
 
     Dropout never enters the values. For a model in train mode that has dropout (kept with
     ``model.disable_dropout=false``), a call without grad runs in eval mode, and a call with grad returns
@@ -145,7 +148,8 @@ def completion_token_logps(
     pi_old and pi_ref stay deterministic.
     """
     args, options = (model, input_ids, attention_mask, completion_mask), dict(chunk_rows=chunk_rows,
-                                                                              share_prompts=share_prompts)
+                                                                              share_prompts=share_prompts,
+                                                                              one_pass=one_pass)
     if not (model.training and has_dropout(model)):
         return _completion_token_logps(*args, **options)
     with torch.no_grad(), eval_mode(model):
@@ -168,8 +172,11 @@ def eval_mode(model: nn.Module):
 
 
 def _completion_token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, *,
-                            chunk_rows: int = DEFAULT_CHUNK_ROWS, share_prompts: bool = True) -> Tensor:
+                            chunk_rows: int = DEFAULT_CHUNK_ROWS, share_prompts: bool = True,
+                            one_pass: bool = False) -> Tensor:
     """:func:`completion_token_logps` in the model's current mode."""
+    if one_pass:
+        return _plain_token_logps(model, input_ids, attention_mask, completion_mask, chunk_rows)
     num_completion = completion_mask.shape[1]
     owner = None
     if share_prompts and num_completion > 0 and caches_prompts(model):

@@ -16,9 +16,10 @@ on GVPO's loss alone.
 Prefix sharing: the statistics are a mean over a forward's tokens. A prefix-shared forward
 (``train.share_prompts``) runs each group's prompt once and the completions on its KV cache, so its
 prompt tokens would count once per group instead of once per row (and the completion pass alone does
-not see the prompt's router logits). While the coefficient is nonzero the update's forwards therefore
-run unshared, so its ``aux_loss`` is that of the full forward TRL takes; everything else (reference
-log-probs, generation) keeps sharing.
+not see the prompt's router logits); length buckets (:mod:`gvpo.model.buckets`) would split one forward into
+several. While the coefficient is nonzero the update's forwards therefore run as one plain pass per
+micro-batch (``one_pass`` of :func:`gvpo.model.logprobs.completion_token_logps`), so its ``aux_loss`` is that
+of the full forward TRL takes; everything else (reference log-probs, generation) keeps both.
 """
 
 from __future__ import annotations
@@ -102,7 +103,9 @@ class RouterLoss:
         """``fn(*args)``, recording the router loss of its gradient forward when the coefficient is on."""
         with router_aux_losses(self.policy, enabled=bool(self.coef)) as recorded:
             out = fn(*args)
-        self.losses.extend(recorded[-1:])
+        if self.coef and len(recorded) != 1:
+            raise RuntimeError(f"the router loss needs one gradient forward per micro-batch; {len(recorded)} ran")
+        self.losses.extend(recorded)
         return out
 
     def term(self) -> Tensor | float:
