@@ -311,3 +311,12 @@ def test_episodes_are_refused_by_name(key, value):
     become single-turn ones, so the combination stops at start-up, naming both settings."""
     with pytest.raises(ConfigError, match=r"train.async_lag=1 with task.environment/task.tools: not composed yet"):
         generation.check(load_config(None, {"train.async_lag": 1, key: value}), world=1)
+
+
+def test_a_tasks_own_environment_is_refused_too():
+    """``arithmetic_tool`` brings its calculator without ``task.environment``: the engine then runs episodes, which
+    the build sees (``episodes=True``) although the config names no environment."""
+    config = load_config(None, {"train.async_lag": 1, "task.name": "arithmetic_tool"})
+    generation.check(config, world=1)
+    with pytest.raises(ConfigError, match=r"train.async_lag=1 with task.environment/task.tools: not composed yet"):
+        generation.check(config, world=1, episodes=True)

@@ -275,7 +275,7 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     from .config import ModelConfig, RolloutConfig, parse_override
-    from .episodes import load_environment_spec, with_episodes
+    from .episodes import load_environment_spec, task_environment, with_episodes
     from .evaluate import evaluate
     from .model.checks import load_checked
     from .rollout import create_engine
@@ -285,7 +285,7 @@ def _eval(args) -> int:
     model, tokenizer = load_checked(ModelConfig(name_or_path=args.model, gguf_file=args.gguf_file),
                                     "cuda" if _cuda() else "cpu",
                                     progress=sys.stderr.isatty(), key="--model")
-    spec = load_environment_spec(args.environment, args.tool, args.env_timeout_s)
+    spec = load_environment_spec(task_environment(task, args.environment, args.tool), args.tool, args.env_timeout_s)
     engine = with_episodes(create_engine(args.engine, model, tokenizer), tokenizer, spec,
                            RolloutConfig(max_turns=args.max_turns, max_observation_tokens=args.max_observation_tokens))
     result = evaluate(engine, task, n=args.n, samples=args.samples, temperature=args.temperature, top_p=args.top_p,

@@ -31,7 +31,8 @@ from transformers import get_scheduler
 
 from .batch import Batch, Group, all_token_logps, build_batch
 from .config import ConfigError, RunConfig, flat_dict, save_config
-from .episodes import episode_metrics, load_environment_spec, reward_keywords, task_rewards, with_episodes
+from .episodes import (episode_metrics, load_environment_spec, reward_keywords, task_environment, task_rewards,
+                       with_episodes)
 from .evaluate import evaluate
 from .generation import lag_metrics, lagged, running
 from .model.checks import load_checked
@@ -130,7 +131,8 @@ def setup(config: RunConfig, *, resume: str | Path | None = None, overwrite: boo
     torch.manual_seed(cfg_train.seed)
 
     task = get_task(config.task.name, **config.task.options)
-    spec = load_environment_spec(config.task.environment, config.task.tools, config.task.env_timeout_s)
+    spec = load_environment_spec(task_environment(task, config.task.environment, config.task.tools), config.task.tools,
+                                 config.task.env_timeout_s)
     reward_fn = combine(*task_rewards(config.task, task, spec), timeout_s=config.task.reward_timeout_s)
     eval_tasks = [get_task(name) for name in config.task.eval_tasks]
     max_new_tokens = config.rollout.max_new_tokens or task.max_new_tokens

@@ -37,12 +37,13 @@ cuts an episode before an observation that would not fit, never inside one.
 
 from __future__ import annotations
 
-from .environments import EnvironmentSpec, ToolFailure, call_limited, load_environment_spec
+from .environments import EnvironmentSpec, ToolFailure, call_limited, load_environment_spec, task_environment
 from .records import environment_reward, episode_groups, episode_metrics, reward_keywords
 from .runner import Episode, EpisodeEngine
 
 __all__ = ["Episode", "EpisodeEngine", "EnvironmentSpec", "ToolFailure", "call_limited", "environment_reward",
-           "episode_groups", "episode_metrics", "load_environment_spec", "reward_keywords", "task_rewards",
+           "episode_groups", "episode_metrics", "load_environment_spec", "reward_keywords", "task_environment",
+           "task_rewards",
            "with_episodes"]
 
 

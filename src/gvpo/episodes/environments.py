@@ -101,6 +101,18 @@ def check_tool(key: str, label: str, fn: Callable) -> None:
         raise ConfigError(f"{key}: tool {label} cannot be described to the model: {err}") from None
 
 
+def task_environment(task, environment: str, tools: list) -> str:
+    """``task.environment`` as configured, else the task's own (``Task.extra["environment"]``: ``arithmetic_tool``
+    brings its calculator) unless ``task.tools`` are set.
+
+    >>> from gvpo.tasks import get_task
+    >>> task = get_task("arithmetic_tool", num_test=1, num_train=1)
+    >>> task_environment(task, "", []), task_environment(task, "my.Env", []), task_environment(task, "", ["my.f"])
+    ('gvpo.tasks.calculator.Calculator', 'my.Env', '')
+    """
+    return environment or ("" if tools else task.extra.get("environment", ""))
+
+
 def load_environment_spec(environment: str, tools: list, timeout_s: float) -> EnvironmentSpec | None:
     """The checked :class:`EnvironmentSpec` of ``task.environment`` / ``task.tools``, or ``None`` when neither is
     set (single-turn training, unchanged)."""

@@ -98,13 +98,14 @@ class LaggedSampler:
         self.generator.close()
 
 
-def check(config, world: int) -> None:
-    """Refuse, naming the setting, what does not compose with ``train.async_lag`` yet."""
+def check(config, world: int, episodes: bool = False) -> None:
+    """Refuse, naming the setting, what does not compose with ``train.async_lag`` yet (``episodes``: the engine
+    runs multi-turn episodes, also those of a task's own environment)."""
     lag = config.train.async_lag
     if world > 1:
         raise ConfigError(f"train.async_lag={lag} with {world} processes: not composed yet (each process would need "
                           "its own generator and the same lag); run one process, or train.async_lag=0")
-    if config.task.environment or config.task.tools:
+    if episodes or config.task.environment or config.task.tools:
         raise ConfigError(f"train.async_lag={lag} with task.environment/task.tools: not composed yet (the generator "
                           "would run the episodes' environments in its own process, and checkpoints would have to "
                           "hold their state); use train.async_lag=0 for multi-turn episodes")
@@ -125,7 +126,7 @@ def build(config, sampler, *, lag: int, backend: str, task, engine, model, refer
           world: int) -> LaggedSampler:
     """A :class:`LaggedSampler` around ``sampler`` with ``lag`` and the ``backend`` (``process`` or ``inprocess``);
     any ``lag >= 0``, so that lag 0 through this machinery can be checked against the synchronous loop."""
-    check(config, world)
+    check(config, world, episodes=hasattr(engine, "rollout"))
     train, objective = config.train, config.objective
     scoring = Scoring(train.mini_batches, train.micro_batch_size, train.share_prompts,
                       sampler_logps=objective.name == "grpo" and objective.importance_sampling,
