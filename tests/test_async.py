@@ -255,11 +255,11 @@ def test_kill_minus_nine_and_resume_give_identical_weights(model_dir, tmp_path, 
 
     run_dir = tmp_path / "killed"
     victim = _cli(_kv(overrides(model_dir, tmp_path, "killed", **lag)))
-    deadline, generators = time.time() + 300, []
+    deadline, generators = time.time() + 300, set()
     while not (run_dir / "checkpoints" / "step-000004").exists():
         assert victim.poll() is None, "run finished before it could be killed: " + victim.stdout.read()
         assert time.time() < deadline
-        generators = generators or _children(victim.pid)
+        generators |= set(_children(victim.pid))  # every child seen: the generator starts after spawn's helpers
         time.sleep(0.02)
     victim.send_signal(signal.SIGKILL)
     victim.wait()

@@ -150,7 +150,8 @@ def test_gspo_name_and_key_select_the_sequence_level(model_dir, tmp_path):
         "objective.kl_coef": 0.0, "train.updates_per_batch": 2, "optim.lr": 5e-2})))
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2]
-    assert all(math.isfinite(r["loss"]) and 0.0 <= r["clip_fraction"] <= 1.0 for r in rows[1:])
+    assert all(math.isfinite(r["loss"]) for r in rows[1:])
+    assert all(0.0 < r["clip_fraction"] <= 1.0 for r in rows[1:])  # GSPO's 3e-4 range binds by the second update
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,6 @@ loop ``tiny.kept_gvpo_loss_loop`` and a hand-worked value.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +24,7 @@ from gvpo.objectives.weighted import GVPOObjective
 from gvpo.rollout import SamplingParams
 from gvpo.samplers import generate_groups
 from gvpo.trainer import train
-from test_model_families import run_overrides
+from test_model_families import metrics, run_overrides
 
 K, MAX_NEW = 4, 4
 ROWS = [(p, {"prompt": f"Q: {p}+1= A:"}) for p in range(4)]
@@ -95,10 +93,6 @@ def test_update_on_the_kept_completions_equals_the_float64_loop(tmp_path):
     trained = dict(policy.named_parameters())
     assert max((trained[n] - results["kept"][n]).abs().max().item() for n in trained) < 1e-12
     assert max((results["all"][n] - results["kept"][n]).abs().max().item() for n in trained) > 1e-4
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
 
 
 def test_a_run_trains_on_the_kept_completions_and_logs_the_drops(tmp_path):

@@ -62,7 +62,6 @@ class ProcessGenerator:
         buffers = [flat_buffers(trainable(model)) for _ in range(lag + 1)]
         self.slots = [slot_views(trainable(model), b) for b in buffers]
         self.versions = torch.full((lag + 1,), -1, dtype=torch.long).share_memory_()
-        self.slot_of: dict[int, int] = {}
         context = mp.get_context("spawn")
         self.jobs, self.results = context.Queue(), context.Queue()
         self.idle = context.Value("d", 0.0)
@@ -86,10 +85,9 @@ class ProcessGenerator:
         for name, p in trainable(model).items():
             self.slots[slot][name].copy_(p.detach())
         self.versions[slot] = version
-        self.slot_of[step] = slot
 
     def submit(self, job: Job) -> None:
-        self.jobs.put((job, self.slot_of[job.weights_step]))
+        self.jobs.put((job, job.weights_step % len(self.slots)))  # the slot publish() wrote
 
     def result(self, step: int) -> list[Group]:
         while step not in self.done:
