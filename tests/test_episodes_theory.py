@@ -4,8 +4,11 @@ An episode of prompt ``x`` is ``tau = (a1, o, a2)``: a first action ``a1`` (3 ch
 (2 values) drawn from the environment's ``P(o | x, a1)``, a second action ``a2`` (3 choices) that sees ``o``.
 The policy is two free tables, ``pi(a1|x) = softmax(theta1[x])`` and ``pi(a2|x,a1,o) = softmax(theta2[x,a1,o])``.
 Episodes are scored the way the trainer scores them: a row of per-token log-probs ``[a1, o, a2]`` whose
-``o`` entry is the environment's ``log P(o)`` and whose ``action_mask`` is ``[1, 0, 1]``
-(:func:`gvpo.model.logprobs.sequence_logps`), and :func:`gvpo.gvpo_loss` on those masked sums.
+``o`` entry is what the language model itself assigns to the observation's tokens (a third table,
+``q(o|x,a1) = softmax(theta_o[x,a1])``, trainable like the others, and ``q_ref`` for the reference: not the
+environment's ``P``), with ``action_mask`` ``[1, 0, 1]`` (:func:`gvpo.model.logprobs.sequence_logps`), and
+:func:`gvpo.gvpo_loss` on those masked sums. Summing the ``o`` entry too (no mask) would let ``theta_o`` absorb
+part of the rewards and move the minimiser off pi*: ``test_summing_the_observation_tokens_misses_pi_star``.
 
 The KL-regularised optimum over the policy's own factors (maximise ``E[R] - beta KL``), by backward induction:
 ``pi*(a2|x,a1,o) ∝ pi_ref(a2|.) exp(R/beta)``, ``Z(x,a1,o) = sum_a2 pi_ref exp(R/beta)``, and
@@ -23,6 +26,11 @@ from gvpo.model.logprobs import sequence_logps
 X, A, O, B = 2, 3, 2, 3
 BETA = 1.0
 MASK = torch.tensor([1, 0, 1])
+
+
+def ref_obs(seed: int = 0) -> torch.Tensor:
+    """The reference model's own log-probs of the observation tokens, ``(X, A, O)``."""
+    return torch.randn(X, A, O, generator=torch.Generator().manual_seed(seed + 100), dtype=torch.float64).log_softmax(-1)
 
 
 def make_mdp(stochastic: bool, seed: int = 0):
@@ -53,11 +61,11 @@ def episodes(p1, p2, p_obs):
     return p1[:, :, None, None] * p_obs[:, :, :, None] * p2
 
 
-def masked_logps(log1, log2, p_obs):
-    """Episode log-probs as the trainer computes them: rows ``[a1, o, a2]`` summed under ``action_mask``."""
-    rows = torch.stack(torch.broadcast_tensors(log1[:, :, None, None], p_obs.clamp_min(1e-300).log()[:, :, :, None],
-                                               log2), -1)
-    return sequence_logps(rows.reshape(-1, 3), MASK.expand(rows.numel() // 3, 3)).reshape(X, A, O, B)
+def masked_logps(log1, log_o, log2, mask=MASK):
+    """Episode log-probs as the trainer computes them: rows ``[a1, o, a2]`` (the model's own log-probs of each
+    token, the observation's included) summed under ``action_mask``."""
+    rows = torch.stack(torch.broadcast_tensors(log1[:, :, None, None], log_o[:, :, :, None], log2), -1)
+    return sequence_logps(rows.reshape(-1, 3), mask.expand(rows.numel() // 3, 3)).reshape(X, A, O, B)
 
 
 def kl_episodes(star, theta, p_obs) -> float:
@@ -68,31 +76,34 @@ def kl_episodes(star, theta, p_obs) -> float:
     return float((p * log_ratio).sum((1, 2, 3)).mean())
 
 
-def expected_loss(theta1, theta2, ref1, ref2, p_obs, rewards, pi_s):
-    """Eq. 14 (times 1/2) exactly, over all episodes weighted by the sampling distribution pi_s."""
+def expected_loss(theta1, theta2, ref1, ref2, p_obs, rewards, pi_s, theta_o=None, mask=MASK):
+    """Eq. 14 (times 1/2) exactly, over all episodes weighted by the sampling distribution pi_s (``theta_o``: the
+    policy's observation table, the reference's when None)."""
     log1, log2 = theta1.log_softmax(-1), theta2.log_softmax(-1)
-    implicit = BETA * (masked_logps(log1, log2, p_obs) - masked_logps(ref1, ref2, p_obs))
+    log_o = ref_obs() if theta_o is None else theta_o.log_softmax(-1)
+    implicit = BETA * (masked_logps(log1, log_o, log2, mask) - masked_logps(ref1, ref_obs(), ref2, mask))
     d = implicit - rewards
     w = episodes(*pi_s, p_obs)
     mean = (w * d).sum((1, 2, 3), keepdim=True)
     return 0.5 * (w * (d - mean) ** 2).sum((1, 2, 3)).mean()
 
 
-def minimise(ref1, ref2, p_obs, rewards, pi_s, steps: int = 500):
+def minimise(ref1, ref2, p_obs, rewards, pi_s, steps: int = 500, mask=MASK):
     theta1 = torch.zeros(X, A, dtype=torch.float64, requires_grad=True)
     theta2 = torch.zeros(X, A, O, B, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([theta1, theta2], lr=1.0, max_iter=steps, tolerance_grad=1e-14, tolerance_change=1e-16,
+    theta_o = torch.zeros(X, A, O, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([theta1, theta2, theta_o], lr=1.0, max_iter=steps, tolerance_grad=1e-14, tolerance_change=1e-16,
                             history_size=50, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = expected_loss(theta1, theta2, ref1, ref2, p_obs, rewards, pi_s)
+        loss = expected_loss(theta1, theta2, ref1, ref2, p_obs, rewards, pi_s, theta_o, mask)
         loss.backward()
         return loss
 
     opt.step(closure)
     with torch.no_grad():
-        loss = float(expected_loss(theta1, theta2, ref1, ref2, p_obs, rewards, pi_s))
+        loss = float(expected_loss(theta1, theta2, ref1, ref2, p_obs, rewards, pi_s, theta_o, mask))
     return (theta1.detach().log_softmax(-1), theta2.detach().log_softmax(-1)), loss
 
 
@@ -120,7 +131,8 @@ def test_sampled_gvpo_on_masked_episodes_reaches_pi_star(one_thread):
     gen = torch.Generator().manual_seed(1)
     theta1 = torch.zeros(X, A, dtype=torch.float64, requires_grad=True)
     theta2 = torch.zeros(X, A, O, B, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.Adam([theta1, theta2], lr=0.05, amsgrad=True)
+    theta_o = torch.zeros(X, A, O, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([theta1, theta2, theta_o], lr=0.05, amsgrad=True)
     k = 8
     p_ref = episodes(ref1.exp(), ref2.exp(), p_obs).reshape(X, -1)
     group_ids = torch.arange(X).repeat_interleave(k)
@@ -130,8 +142,8 @@ def test_sampled_gvpo_on_masked_episodes_reaches_pi_star(one_thread):
         a1, rest = flat // (O * B), flat % (O * B)
         o, a2 = rest // B, rest % B
         log1, log2 = theta1.log_softmax(-1), theta2.log_softmax(-1)
-        logps = masked_logps(log1, log2, p_obs)[x, a1, o, a2].reshape(-1)
-        ref_logps = masked_logps(ref1, ref2, p_obs)[x, a1, o, a2].reshape(-1)
+        logps = masked_logps(log1, theta_o.log_softmax(-1), log2)[x, a1, o, a2].reshape(-1)
+        ref_logps = masked_logps(ref1, ref_obs(), ref2)[x, a1, o, a2].reshape(-1)
         loss = gvpo_loss(logps, ref_logps, rewards[x, a1, o, a2].reshape(-1), group_ids, beta=BETA)
         opt.zero_grad()
         loss.backward()
@@ -164,3 +176,13 @@ def test_stochastic_observations_give_a_projection_not_pi_star():
         assert loss == pytest.approx(want_loss, abs=2e-4) and float(at_star) == pytest.approx(want_star, abs=2e-4)
         assert kl_episodes(star, theta, p_obs) == pytest.approx(want_kl, abs=2e-4)
     assert float((found["pi_ref"][1] - found["uniform"][1]).abs().max()) > 1e-2  # depends on pi_s: a projection
+
+
+def test_summing_the_observation_tokens_misses_pi_star():
+    """The control for the tests above: with ``action_mask`` all ones the observation's own log-probs enter the
+    sums, ``theta_o`` takes up part of what the rewards ask of the first turn, and the minimiser is not pi*."""
+    ref1, ref2, p_obs, rewards = make_mdp(stochastic=False)
+    star = optimum(ref1, ref2, p_obs, rewards)
+    masked, _ = minimise(ref1, ref2, p_obs, rewards, samplers(ref1, ref2)["pi_ref"])
+    summed, _ = minimise(ref1, ref2, p_obs, rewards, samplers(ref1, ref2)["pi_ref"], mask=torch.tensor([1, 1, 1]))
+    assert kl_episodes(star, masked, p_obs) < 1e-10 < 1e-3 < kl_episodes(star, summed, p_obs)
