@@ -181,9 +181,11 @@ def _completion_token_logps(model: nn.Module, input_ids: Tensor, attention_mask:
     owner = None
     if share_prompts and num_completion > 0 and caches_prompts(model):
         owner = prompt_owners(input_ids[:, :-num_completion], attention_mask[:, :-num_completion])
-    buckets = length_buckets(completion_mask.sum(-1).tolist(), PASS_COST) if num_completion > 1 else []
+    lengths = completion_mask.sum(-1).tolist() if num_completion > 1 else []
+    buckets = length_buckets(lengths, PASS_COST)
     if len(buckets) > 1:
-        return _bucketed_token_logps(model, input_ids, attention_mask, completion_mask, owner, buckets, chunk_rows)
+        return _bucketed_token_logps(model, input_ids, attention_mask, completion_mask, owner, buckets, lengths,
+                                     chunk_rows)
     if owner is not None:
         return shared_prompt_token_logps(model, input_ids, attention_mask, completion_mask, owner, chunk_rows=chunk_rows)
     return _plain_token_logps(model, input_ids, attention_mask, completion_mask, chunk_rows)
@@ -327,7 +329,8 @@ def _continued(model, head, cache, input_ids, attention_mask, completion_mask, c
     return _scored(head, scores[:, :-1], input_ids[:, plen + 1 :], completion_mask[:, 1:], chunk_rows)
 
 
-def _bucketed_token_logps(model, input_ids, attention_mask, completion_mask, owner, buckets, chunk_rows) -> Tensor:
+def _bucketed_token_logps(model, input_ids, attention_mask, completion_mask, owner, buckets, lengths,
+                          chunk_rows) -> Tensor:
     """:func:`completion_token_logps` with the rows in ``buckets`` (:func:`gvpo.model.buckets.length_buckets`), each run
     trimmed to its longest completion. With ``owner`` (prefix sharing) the prompts run once and every bucket
     continues its rows' part of their cache (a model whose cache layers :func:`gvpo.model.buckets.cache_rows` cannot
@@ -345,7 +348,7 @@ def _bucketed_token_logps(model, input_ids, attention_mask, completion_mask, own
     for bucket in buckets:
         rows, part = order[start : start + len(bucket)], slice(start, start + len(bucket))
         start += len(bucket)
-        width = max(1, int(completion_mask[rows].sum(-1).max()))
+        width = max(1, max(lengths[row] for row in bucket))
         ids, mask, completion = input_ids[rows, : plen + width], attention_mask[rows, : plen + width], completion_mask[rows, :width]
         if cache is None:
             logps = _plain_token_logps(model, ids, mask, completion, chunk_rows)
