@@ -13,14 +13,14 @@ lines (default: the folder names).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from gvpo.run.metrics import read_metrics
 
 
 def eval_rows(run: Path) -> list[dict]:
     """The rows of ``run/metrics.jsonl`` that hold a held-out accuracy, in step order."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return sorted((r for r in rows if "eval/accuracy" in r), key=lambda r: r["step"])
+    return sorted((r for r in read_metrics(run / "metrics.jsonl") if "eval/accuracy" in r), key=lambda r: r["step"])
 
 
 def table(rows: list[dict]) -> str:

