@@ -320,3 +320,15 @@ def test_a_tasks_own_environment_is_refused_too():
     generation.check(config, world=1)
     with pytest.raises(ConfigError, match=r"train.async_lag=1 with task.environment/task.tools: not composed yet"):
         generation.check(config, world=1, episodes=True)
+
+
+def test_every_grpo_family_objective_gets_the_samplers_log_probs():
+    """The generator computes the sampler's log-probs for the objectives in ``SAMPLER_RATIO``; every registered
+    objective built on ``GRPOObjective`` (grpo, gspo, ...) must be one of them, or its ratio under a lag would
+    silently fall back to pi_old (no importance sampling) while ``objective.importance_sampling`` says true."""
+    from gvpo.generation.sampler import SAMPLER_RATIO
+    from gvpo.objectives.grpo import GRPOObjective
+
+    family = {name for name in OBJECTIVES.names()
+              if isinstance(create_objective(ObjectiveConfig(name=name), max_completion_length=8), GRPOObjective)}
+    assert family == set(SAMPLER_RATIO) and "gspo" in family

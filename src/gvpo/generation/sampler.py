@@ -22,6 +22,8 @@ from ..config import ConfigError
 from ..samplers import step_rows
 from .base import Generator, Job, Scoring, decode_groups, encode_groups
 
+SAMPLER_RATIO = ("grpo", "gspo")
+"""Objectives whose clipped ratio takes the sampler's log-probs under a lag (``objective.importance_sampling``)."""
 NOT_COMPOSED = {
     "reference": "its samples come from the fixed reference and do not depend on the trained weights, so a "
                  "lag changes nothing",
@@ -129,7 +131,7 @@ def build(config, sampler, *, lag: int, backend: str, task, engine, model, refer
     check(config, world, episodes=hasattr(engine, "rollout"))
     train, objective = config.train, config.objective
     scoring = Scoring(train.mini_batches, train.micro_batch_size, train.share_prompts,
-                      sampler_logps=objective.name == "grpo" and objective.importance_sampling,
+                      sampler_logps=objective.name in SAMPLER_RATIO and objective.importance_sampling,
                       reference=reference is not None and not objective.ref_sync_steps)
     if backend == "inprocess":
         from .inprocess import InProcessGenerator
