@@ -40,15 +40,9 @@ def evaluate(engine, task: Task, *, n: int = 0, samples: int = 1, temperature: f
     for start in range(0, len(flat), batch_size):
         chunk = flat[start : start + batch_size]
         chunk_rows = [rows[i] for i, _ in chunk]
-        seeds = [hash_seed(seed, i, j) for i, j in chunk]
-        if hasattr(engine, "rollout"):  # episodes (gvpo.episodes): rewards get their prompts, messages, environments
-            texts, values = episode_values(engine, reward, chunk_rows, seeds, params, trainer_state)
-        else:
-            gen = engine.generate([r["prompt"] for r in chunk_rows], seeds=seeds, params=params)
-            columns = {k: [r.get(k) for r in chunk_rows] for k in chunk_rows[0] if k != "prompt"}
-            ids = [gen.completion_ids[i][gen.completion_mask[i].bool()].tolist() for i in range(len(chunk))]
-            texts, values = gen.texts, reward(prompts=[r["prompt"] for r in chunk_rows], completions=gen.texts,
-                                              completion_ids=ids, trainer_state=trainer_state, **columns)
+        groups = generated(engine, chunk_rows, [hash_seed(seed, i, j) for i, j in chunk], params)
+        texts = [g.texts[0] for g in groups]  # rewards get TRL's keywords, as in training (an episode's messages too)
+        values = reward(**reward_keywords([(g, 0) for g in groups]), trainer_state=trainer_state)
         for (i, j), text, value in zip(chunk, texts, values):
             correct[i][j] = is_correct(value)
             items.append({"index": i, "sample": j, "completion": text, "reward": value, "correct": correct[i][j],
@@ -68,10 +62,11 @@ def evaluate(engine, task: Task, *, n: int = 0, samples: int = 1, temperature: f
     return result
 
 
-def episode_values(engine, reward, rows: list[dict], seeds: list[int], params: SamplingParams,
-                   trainer_state) -> tuple[list[str], list]:
-    """Texts and rewards of one episode per row (an engine of :mod:`gvpo.episodes`)."""
-    episodes = engine.rollout(rows, seeds, params)
-    todo = [(Group(n, row, [e.completion_ids], [e.text], ["eval"], episode=[e]), 0)
-            for n, (row, e) in enumerate(zip(rows, episodes))]
-    return [e.text for e in episodes], reward(**reward_keywords(todo), trainer_state=trainer_state)
+def generated(engine, rows: list[dict], seeds: list[int], params: SamplingParams) -> list[Group]:
+    """One completion per row as a :class:`Group`: an episode when the engine runs them (:mod:`gvpo.episodes`)."""
+    if hasattr(engine, "rollout"):
+        return [Group(n, row, [e.completion_ids], [e.text], ["eval"], episode=[e])
+                for n, (row, e) in enumerate(zip(rows, engine.rollout(rows, seeds, params)))]
+    gen = engine.generate([r["prompt"] for r in rows], seeds=seeds, params=params)
+    return [Group(n, row, [gen.completion_ids[n][gen.completion_mask[n].bool()].tolist()], [gen.texts[n]], ["eval"])
+            for n, row in enumerate(rows)]
