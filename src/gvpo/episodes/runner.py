@@ -105,8 +105,7 @@ class EpisodeEngine:
     def rollout(self, rows: list[dict], seeds: list[int], params: SamplingParams) -> list[Episode]:
         """One episode per row, ``seeds[i]`` deciding row ``i``'s randomness (see the module docstring)."""
         episodes = [self.start(row) for row in rows]
-        eos = eos_ids(self.tokenizer, self.model) if hasattr(self.model, "generation_config") else [
-            self.tokenizer.eos_token_id]
+        eos = eos_ids(self.tokenizer, self.model)
         limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
         active, turn = list(range(len(rows))), 0
         while active:

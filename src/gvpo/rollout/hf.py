@@ -102,9 +102,10 @@ class StopStrings(StoppingCriteria):
 
 
 def eos_ids(tokenizer, model) -> list[int]:
-    """The ids that end a completion: the generation config's, else the tokenizer's EOS; ``[]`` for a model
-    without one (every completion then runs to ``max_new_tokens``)."""
-    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    """The ids that end a completion: the generation config's (when ``model`` has one), else the tokenizer's EOS;
+    ``[]`` for a model without one (every completion then runs to ``max_new_tokens``)."""
+    config = getattr(model, "generation_config", None)
+    ids = config.eos_token_id if config is not None else None
     ids = ids if ids is not None else tokenizer.eos_token_id
     return sorted({i for i in (ids if isinstance(ids, list) else [ids]) if i is not None})
 

@@ -420,10 +420,7 @@ class VLLMEngine:
     def eos_token_ids(self) -> list[int]:
         from .hf import eos_ids
 
-        inner = getattr(self.model, "module", self.model)
-        if hasattr(inner, "generation_config"):
-            return eos_ids(self.tokenizer, inner)
-        return [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        return eos_ids(self.tokenizer, getattr(self.model, "module", self.model))
 
     @torch.no_grad()
     def generate(self, prompts: list, seeds: list[int], params: SamplingParams) -> Generation:

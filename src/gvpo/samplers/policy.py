@@ -46,15 +46,12 @@ def drop_truncated(group: Group, max_new_tokens: int, eos: set) -> Group:
 
 def eos_token_ids(engine: Engine) -> list[int]:
     """The tokens generation stops at: the engine's own ``eos_token_ids()`` (vLLM), else the HF engine's
-    rule (the model's generation config, then the tokenizer's EOS)."""
+    rule (:func:`gvpo.rollout.hf.eos_ids`)."""
     if hasattr(engine, "eos_token_ids"):
         return list(engine.eos_token_ids())
-    model = getattr(engine, "model", None)
-    if getattr(model, "generation_config", None) is None:
-        return [engine.tokenizer.eos_token_id]
     from ..rollout.hf import eos_ids
 
-    return eos_ids(engine.tokenizer, model)
+    return eos_ids(engine.tokenizer, getattr(engine, "model", None))
 
 
 def generate_by_count(engine: Engine, rows: list[tuple[int, dict]], counts: list[int], params: SamplingParams, *,
