@@ -20,12 +20,11 @@ def generate_groups(engine: Engine, rows: list[tuple[int, dict]], k: int, params
     ``params.max_new_tokens`` without EOS are dropped from their groups and counted in ``Group.truncated``."""
     if k == 0:
         return [Group(pos, row, [], [], []) for pos, row in rows]
-    prompts = [row["prompt"] for _, row in rows for _ in range(k)]
     seeds = [hash_seed(seed, pos, j + first_completion) for pos, _ in rows for j in range(k)]
     if hasattr(engine, "rollout"):
         groups = episode_groups(engine, rows, k, seeds, params, step=step, source=source)
     else:
-        gen = engine.generate(prompts, seeds, params)
+        gen = engine.generate([row["prompt"] for _, row in rows for _ in range(k)], seeds, params)
         groups = []
         for g, (pos, row) in enumerate(rows):
             sl = range(g * k, (g + 1) * k)
