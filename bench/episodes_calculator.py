@@ -29,6 +29,8 @@ def chat_tokenizer(texts: list[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from gvpo.episodes.chat import TOOL_CHAT_TEMPLATE, TOOL_RESPONSE_TEMPLATE
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
@@ -38,30 +40,11 @@ def chat_tokenizer(texts: list[str]):
     tok.train_from_iterator(texts, trainer=trainer)
     out = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
                                   additional_special_tokens=["<|im_start|>"])
-    out.chat_template = CHAT_TEMPLATE
-    out.response_template = RESPONSE_TEMPLATE
+    out.chat_template = TOOL_CHAT_TEMPLATE
+    out.response_template = TOOL_RESPONSE_TEMPLATE
     return out
 
 
-CHAT_TEMPLATE = (
-    "{% if tools %}<|im_start|>system\ntools:{% for t in tools %} {{ t.function.name }}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% for m in messages %}"
-    "{% if m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant\n{{ m.content }}"
-    "{% for c in m.tool_calls %}<tool_call>{\"name\": \"{{ c.function.name }}\", \"arguments\": "
-    "{{ c.function.arguments | tojson }}}</tool_call>{% endfor %}<|im_end|>\n"
-    "{% elif m.role == 'tool' %}<|im_start|>tool\n{{ m.content }}<|im_end|>\n"
-    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-RESPONSE_TEMPLATE = {
-    "defaults": {"role": "assistant"},
-    "start_anchor": "<|im_start|>assistant\n",
-    "fields": {
-        "tool_calls": {"open": "<tool_call>", "close_pattern": r"</tool_call>\s*", "repeats": True, "content": "json",
-                       "transform": {"type": "function", "function": "{content}"}},
-        "content": {"close_pattern": r"<\|im_end\|>\s*", "content": "text"},
-    },
-}
 TOOL_SHARE = 0.3
 """Share of the pre-training transcripts that call the tool."""
 
@@ -93,7 +76,7 @@ def pretrain(out: Path, *, steps: int, seed: int, threads: int) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gvpo.episodes.chat import prompt_ids, tool_suffix_ids
+    from gvpo.episodes.chat import TOOL_CHAT_TEMPLATE, prompt_ids, tool_suffix_ids
     from gvpo.rollout import left_pad
     from gvpo.tasks.calculator import Calculator, arithmetic_tool
 
@@ -102,7 +85,7 @@ def pretrain(out: Path, *, steps: int, seed: int, threads: int) -> Path:
     task = arithmetic_tool(seed=seed)
     convs = transcripts(task.train, seed)
     tools = [Calculator().add]
-    tok = chat_tokenizer([CHAT_TEMPLATE])  # only to render the transcripts
+    tok = chat_tokenizer([TOOL_CHAT_TEMPLATE])  # only to render the transcripts
     texts = [tok.apply_chat_template(c, tools=tools, tokenize=False) for c in convs[:2000]]
     tok = chat_tokenizer(texts)  # merges from rendered transcripts
     rows, labels = [], []

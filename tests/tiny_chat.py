@@ -11,33 +11,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from gvpo.episodes.chat import TOOL_CHAT_TEMPLATE, TOOL_RESPONSE_TEMPLATE
 from gvpo.rollout import Generation, left_pad
 
-CHAT_TEMPLATE = (
-    "{% if tools %}<|im_start|>system\ntools:{% for t in tools %} {{ t.function.name }}{% endfor %}<|im_end|>\n"
-    "{% endif %}"
-    "{% for m in messages %}"
-    "{% if m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant\n{{ m.content }}"
-    "{% for c in m.tool_calls %}<tool_call>{\"name\": \"{{ c.function.name }}\", \"arguments\": "
-    "{{ c.function.arguments | tojson }}}</tool_call>{% endfor %}<|im_end|>\n"
-    "{% elif m.role == 'tool' %}<|im_start|>tool\n{{ m.content }}<|im_end|>\n"
-    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-"""ChatML with tools: the tool names in a system line, ``<tool_call>{json}</tool_call>`` in assistant turns,
-tool results as ``tool`` turns; prefix-preserving, as TRL's training templates are."""
-
-RESPONSE_TEMPLATE = {
-    "defaults": {"role": "assistant"},
-    "start_anchor": "<|im_start|>assistant\n",
-    "fields": {
-        "tool_calls": {"open": "<tool_call>", "close_pattern": r"</tool_call>\s*", "repeats": True, "content": "json",
-                       "transform": {"type": "function", "function": "{content}"}},
-        "content": {"close_pattern": r"<\|im_end\|>\s*", "content": "text"},
-    },
-}
-"""transformers' response parsing for :data:`CHAT_TEMPLATE` (TRL's ``qwen3_template`` without reasoning)."""
+CHAT_TEMPLATE, RESPONSE_TEMPLATE = TOOL_CHAT_TEMPLATE, TOOL_RESPONSE_TEMPLATE
 
 SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [

@@ -13,6 +13,33 @@ from __future__ import annotations
 from ..config import ConfigError
 from ..rollout.hf import render_prompt
 
+TOOL_CHAT_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\ntools:{% for t in tools %} {{ t.function.name }}{% endfor %}<|im_end|>\n"
+    "{% endif %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant\n{{ m.content }}"
+    "{% for c in m.tool_calls %}<tool_call>{\"name\": \"{{ c.function.name }}\", \"arguments\": "
+    "{{ c.function.arguments | tojson }}}</tool_call>{% endfor %}<|im_end|>\n"
+    "{% elif m.role == 'tool' %}<|im_start|>tool\n{{ m.content }}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""A minimal ChatML with tools, for small tokenizers built from scratch (the tests' and
+``bench/episodes_calculator.py``'s): the tool names in a system line, ``<tool_call>{json}</tool_call>`` in
+assistant turns, tool results as ``tool`` turns; prefix-preserving, as TRL's training templates are."""
+
+TOOL_RESPONSE_TEMPLATE = {
+    "defaults": {"role": "assistant"},
+    "start_anchor": "<|im_start|>assistant\n",
+    "fields": {
+        "tool_calls": {"open": "<tool_call>", "close_pattern": r"</tool_call>\s*", "repeats": True, "content": "json",
+                       "transform": {"type": "function", "function": "{content}"}},
+        "content": {"close_pattern": r"<\|im_end\|>\s*", "content": "text"},
+    },
+}
+"""transformers' response parsing for :data:`TOOL_CHAT_TEMPLATE` (TRL's ``qwen3_template`` without reasoning)."""
+
 
 def prompt_ids(tokenizer, prompt, tools: list | None) -> list[int]:
     """A prompt's token ids as the engine gets them: the chat template with ``tools`` for a conversation (the
