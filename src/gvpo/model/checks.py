@@ -9,6 +9,7 @@ stops with one line (set ``pad_token`` in the folder's ``tokenizer_config.json``
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from pathlib import Path
@@ -69,7 +70,7 @@ def load_checked(config, device, progress: bool = True, key: str = "model.name_o
         raise ModelError(f"{key}={config.name_or_path}: {err}") from err
     check_model_source(path, key)
     try:
-        model, tokenizer = load_policy(config, device)
+        model, tokenizer = load_policy(dataclasses.replace(config, name_or_path=path, gguf_file=""), device)  # resolved once
     except (ImportError, MemoryError, ConfigError):  # ConfigError: load_policy's own one-line refusals
         raise
     except Exception as err:

@@ -21,7 +21,6 @@ Training writes ``final/`` from the plain model, so it is plain safetensors too.
 from __future__ import annotations
 
 import fcntl
-import functools
 import hashlib
 import json
 import os
@@ -66,19 +65,13 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-@functools.lru_cache(maxsize=16)
-def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
-    """:func:`file_sha256`, once per file version in a process (loading resolves the source twice)."""
-    return file_sha256(Path(path))
-
-
 def plain_folder(gguf_path: Path | str, progress: bool = True) -> Path:
     """The plain transformers folder of ``gguf_path``, converted on first use (see the module docstring)."""
     gguf_path = Path(gguf_path).expanduser()
     if not gguf_path.is_file():
         raise ModelSourceError(f"{gguf_path}: no such GGUF file")
     stat = gguf_path.stat()
-    digest = _sha256_of(str(gguf_path.resolve()), stat.st_size, stat.st_mtime_ns)
+    digest = file_sha256(gguf_path)
     out = cache_root() / "gguf" / f"{gguf_path.stem}-{digest[:16]}"
     info = {"source": str(gguf_path.resolve()), "size": stat.st_size, "sha256": digest}
     return convert_once(out, lambda tmp: convert_gguf(gguf_path, tmp, progress=progress), info)
