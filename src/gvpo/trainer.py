@@ -46,7 +46,7 @@ from .run import checkpoint as ckpt
 from .run import folder as run_folder
 from .run.interrupt import Interrupted, StopRequests, resume_hint
 from .run.metrics import MetricsLog, end_trackers, gather_stats, start_trackers, write_plots
-from .samplers import create_sampler, process_rows, step_rows
+from .samplers import create_sampler, train_rows
 from .tasks import get_task
 from .update import NonFiniteError, fill_rollout_logps, update
 
@@ -227,8 +227,7 @@ def run_loop(run: Run, stop: StopRequests) -> None:
     while state["step"] < cfg_train.max_steps and not stop.requested(accelerator):
         step = state["step"]
         # 1. sample: this process's share of the step's prompts, whole groups only, in mini-batch order
-        rows = process_rows(step_rows(run.task.train, step, cfg_train.prompts_per_step, cfg_train.seed), rank, world,
-                            cfg_train.mini_batches)
+        rows = train_rows(run.task.train, step, cfg_train, rank, world)
         groups = run.sampler.sample(rows, step, run.params)
 
         # 2. score: given rewards (offline, replay) or the task's reward functions; None drops a completion

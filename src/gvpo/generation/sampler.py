@@ -19,7 +19,7 @@ import time
 
 from ..batch import Group, pad_token_values
 from ..config import ConfigError
-from ..samplers import step_rows
+from ..samplers import train_rows
 from .base import Generator, Job, Scoring, decode_groups, encode_groups
 
 SAMPLER_RATIO = ("grpo", "gspo")
@@ -143,7 +143,7 @@ def build(config, sampler, *, lag: int, backend: str, task, engine, model, refer
         generator = ProcessGenerator(config, model, lag, scoring)
     return LaggedSampler(sampler, generator, lag=lag, max_steps=train.max_steps,
                          per_update=train.updates_per_batch * train.mini_batches, model=model,
-                         rows_for=lambda s: step_rows(task.train, s, train.prompts_per_step, train.seed))
+                         rows_for=lambda s: train_rows(task.train, s, train))  # one process (check)
 
 
 def lag_metrics(sampler) -> dict:

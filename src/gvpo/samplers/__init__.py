@@ -8,12 +8,13 @@ dotted path to a factory.
 from .base import SAMPLERS, Sampler, StatelessSampler
 from .mixture import MixtureSampler
 from .offline import OfflineSampler
-from .order import EpochOrder, process_rows, step_rows
+from .order import EpochOrder, process_rows, step_rows, train_rows
 from .policy import PolicySampler, generate_by_count, generate_groups
 from .replay import ReplaySampler
 
 __all__ = ["SAMPLERS", "EpochOrder", "MixtureSampler", "OfflineSampler", "PolicySampler", "ReplaySampler",
-           "Sampler", "StatelessSampler", "create_sampler", "generate_by_count", "generate_groups", "process_rows", "step_rows"]
+           "Sampler", "StatelessSampler", "create_sampler", "generate_by_count", "generate_groups", "process_rows", "step_rows",
+           "train_rows"]
 
 
 def create_sampler(spec, **parts) -> Sampler:

@@ -62,3 +62,10 @@ def process_rows(rows: list, rank: int, world: int, mini_batches: int) -> list:
     share = per_batch // world
     return [row for j in range(mini_batches)
             for row in rows[j * per_batch + rank * share : j * per_batch + (rank + 1) * share]]
+
+
+def train_rows(rows: list[dict], step: int, train, rank: int = 0, world: int = 1) -> list[tuple[int, dict]]:
+    """This process's ``(position, row)`` pairs of rollout step ``step`` (``train``: a
+    :class:`gvpo.config.TrainConfig`): the step's prompts (:func:`step_rows`) in this process's mini-batch
+    shares (:func:`process_rows`). The trainer and a lagged generator (:mod:`gvpo.generation`) both ask here."""
+    return process_rows(step_rows(rows, step, train.prompts_per_step, train.seed), rank, world, train.mini_batches)
