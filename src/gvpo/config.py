@@ -47,7 +47,7 @@ class ModelConfig:
     lora_target_modules: str = "all-linear"
     """Modules that get adapters: ``all-linear`` or a comma-separated list of module names."""
     router_aux_loss_coef: float | None = None
-    """Mixture-of-Experts models: weight of the router's load-balancing loss, added to every micro-batch's loss as TRL adds it (``coef * aux_loss / micro-batches``); None = the model config's ``router_aux_loss_coef`` when the model returns router logits (its config has ``output_router_logits``), else 0; 0 = off. While it is on, the update's forwards run without prefix sharing (docs/trl.md)."""
+    """Mixture-of-Experts models: weight of the router's load-balancing loss, added to every micro-batch's loss as TRL adds it (``coef * aux_loss / micro-batches``); None = the model config's ``router_aux_loss_coef`` when the model returns router logits (its config has ``output_router_logits``), else 0; 0 = off. While it is on, the update's forwards run as one plain pass per micro-batch: no prefix sharing, no length buckets (docs/trl.md)."""
     gguf_file: str = ""
     """A GGUF file inside the folder ``name_or_path`` (``name_or_path`` may also be a ``.gguf`` file itself): dequantised once into a cached plain folder (needs ``pip install 'gvpo[gguf]'``; README "A real chat model")."""
 
